@@ -1,0 +1,3 @@
+"""pipeserve: a real-time inference server for ONNX models (KServe v2 / Triton gRPC protocol)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Scheduling requests onto a model's execution slots (one per instance)."""

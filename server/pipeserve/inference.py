@@ -1,0 +1,167 @@
+"""Requests, responses and the tensor contract of a model, as plain dataclasses.
+
+A leaf module: the API layer builds `InferRequest`s from protobuf, the batcher and runtime only see
+these types and numpy arrays. `ModelSpec.validate` is the one place a request is checked against
+the model's declared inputs, so every transport gets the same precise errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeserve.errors import InvalidInputError
+from pipeserve.tensors import numpy_dtype
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One declared input or output. `dims` excludes the batch dimension when the model batches;
+    -1 is a variable dimension."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+    allow_ragged_batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What a loaded model version accepts and produces (derived from its completed config)."""
+
+    name: str
+    version: int
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    def validate(self, request: InferRequest) -> None:
+        """Check names, datatypes, ranks, dims and batch size; set `request.batch_size`.
+
+        Raises InvalidInputError naming the tensor and what was expected.
+        """
+        expected = {s.name for s in self.inputs}
+        given = set(request.inputs)
+        extra = sorted(given - expected)
+        if extra:
+            raise InvalidInputError(
+                f"unexpected inference input '{extra[0]}' for model '{self.name}', "
+                f"expected inputs {sorted(expected)}"
+            )
+        missing = sorted(s.name for s in self.inputs if not s.optional and s.name not in given)
+        if missing:
+            raise InvalidInputError(
+                f"expected {len([s for s in self.inputs if not s.optional])} inputs but got "
+                f"{len(given)} inputs for model '{self.name}': missing input '{missing[0]}'"
+            )
+        batch: int | None = None
+        for spec in self.inputs:
+            array = request.inputs.get(spec.name)
+            if array is None:
+                continue
+            expected_dtype = numpy_dtype(spec.datatype)
+            if array.dtype != expected_dtype:
+                raise InvalidInputError(
+                    f"input '{spec.name}' has datatype {request.datatypes.get(spec.name, '?')}, "
+                    f"model '{self.name}' expects {spec.datatype}"
+                )
+            shape = array.shape
+            dims = shape
+            if self.batching:
+                if len(shape) == 0:
+                    raise InvalidInputError(
+                        f"input '{spec.name}' has shape [], expected [-1,"
+                        f"{','.join(map(str, spec.dims))}] (first dimension is the batch)"
+                    )
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    raise InvalidInputError(
+                        f"input '{spec.name}' has batch size {shape[0]} but other inputs have "
+                        f"batch size {batch}: all inputs must share the first dimension"
+                    )
+                dims = shape[1:]
+            if not _dims_match(dims, spec.dims):
+                want = ([-1] if self.batching else []) + list(spec.dims)
+                raise InvalidInputError(
+                    f"unexpected shape for input '{spec.name}' for model '{self.name}'. "
+                    f"Expected {_fmt(want)}, got {_fmt(shape)}"
+                )
+        if self.batching:
+            assert batch is not None
+            if batch < 1:
+                raise InvalidInputError(
+                    f"inference request batch-size must be >= 1 for '{self.name}', got {batch}"
+                )
+            if batch > self.max_batch_size:
+                raise InvalidInputError(
+                    f"inference request batch-size must be <= {self.max_batch_size} for "
+                    f"'{self.name}', got {batch}"
+                )
+            request.batch_size = batch
+        else:
+            request.batch_size = 1
+        known = set(self.output_names())
+        for name in request.requested_outputs:
+            if name not in known:
+                raise InvalidInputError(
+                    f"unexpected inference output '{name}' for model '{self.name}', "
+                    f"expected outputs {sorted(known)}"
+                )
+
+
+def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    if len(actual) != len(declared):
+        return False
+    return all(d == -1 or a == d for a, d in zip(actual, declared, strict=True))
+
+
+def _fmt(shape: Any) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request after decoding. Arrays may be read-only views on the wire buffer."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    inputs: dict[str, np.ndarray]
+    requested_outputs: tuple[str, ...] = ()
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    # Datatype names as the client sent them (for error messages only).
+    datatypes: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    timeout_us: int = 0
+    # Monotonic arrival time; durations and queue deadlines are measured from it.
+    arrival_ns: int = field(default_factory=time.monotonic_ns)
+    # Set by ModelSpec.validate: the request's own batch dimension (1 for non-batching models).
+    batch_size: int = 1
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    request_id: str
+    outputs: dict[str, np.ndarray]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
