@@ -30,7 +30,9 @@ class InferenceObserver(Protocol):
         `execution` is the batch it ran in (compute time is shared by every request of a batch)."""
 
     def request_failed(self, reason: str, total_ns: int) -> None:
-        """A request was answered with an error. `reason` is REJECTED, CANCELED, BACKEND or OTHER."""
+        """A request was answered with an error.
+
+        `reason` is REJECTED, CANCELED, BACKEND or OTHER."""
 
     def execution_done(self, execution: ExecutionTimings) -> None:
         """The runtime finished one execution (called once per batch, success or not)."""

@@ -1,8 +1,8 @@
 """Datatypes: Triton's names, numpy dtypes, ONNX element types, and BYTES (de)serialisation.
 
 A leaf module: anyone may import it. BYTES tensors travel as 4-byte little-endian length + data per
-element; in memory they are numpy object arrays of `bytes`, which is what onnxruntime takes for
-ONNX `string` tensors.
+element; in memory they are numpy object arrays of `str`: ONNX `string` tensors hold UTF-8 text and
+onnxruntime only takes `str` elements (it would turn a `bytes` element into its repr).
 """
 
 from __future__ import annotations
@@ -137,13 +137,23 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) 
                 f"input '{tensor_name}': BYTES element {i} declares {length} bytes but only "
                 f"{end - offset} remain"
             )
-        out[i] = bytes(view[offset : offset + length])
+        out[i] = utf8_element(view[offset : offset + length], i, tensor_name)
         offset += length
     if offset != end:
         raise InvalidInputError(
             f"input '{tensor_name}': {end - offset} unexpected bytes after {count} BYTES elements"
         )
     return out
+
+
+def utf8_element(data: bytes | memoryview, index: int, tensor_name: str) -> str:
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"input '{tensor_name}': BYTES element {index} is not valid UTF-8 ({exc.reason} at "
+            f"byte {exc.start}); ONNX string tensors hold UTF-8 text"
+        ) from None
 
 
 def serialize_bytes(array: np.ndarray) -> bytes:

@@ -35,7 +35,9 @@ class DirectScheduler(Scheduler):
         self._closing = False
         self._workers = [
             threading.Thread(
-                target=self._work, args=(slot,), name=f"{spec.name}-v{spec.version}-slot{slot}",
+                target=self._work,
+                args=(slot,),
+                name=f"{spec.name}-v{spec.version}-slot{slot}",
                 daemon=True,
             )
             for slot in range(runner.slot_count)

@@ -18,7 +18,9 @@ from pipeserve.inference import ModelSpec
 from pipeserve.observers import ExecutionTimings, InferenceObserver
 
 
-def resolve(pending: Pending, outputs: dict[str, np.ndarray] | None, error: Exception | None) -> None:
+def resolve(
+    pending: Pending, outputs: dict[str, np.ndarray] | None, error: Exception | None
+) -> None:
     """Answer a pending request from any thread (exactly once; a cancelled future is left alone)."""
 
     def _set() -> None:
@@ -72,7 +74,9 @@ def execute_batch(
         observer.execution_done(ExecutionTimings(total, t1 - t0, t2 - t1, 0))
         message = exc.message if isinstance(exc, PipeserveError) else str(exc)
         for p in live:
-            fail(p, ExecutionError(f"onnxruntime failed on model '{spec.name}': {message}"), observer)
+            fail(
+                p, ExecutionError(f"onnxruntime failed on model '{spec.name}': {message}"), observer
+            )
         return
     t2 = time.monotonic_ns()
     try:

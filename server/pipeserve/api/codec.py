@@ -1,0 +1,176 @@
+"""Protobuf <-> numpy for inference messages.
+
+Decoding makes read-only numpy views on the request's raw buffers (no copies); typed `contents`
+are accepted too. Encoding writes one `raw_output_contents` entry per output. Every malformed
+tensor is an InvalidInputError naming the tensor and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.errors import InvalidInputError, UnsupportedError
+from pipeserve.inference import InferRequest, InferResponse, ModelSpec
+from pipeserve.tensors import (
+    deserialize_bytes,
+    element_size,
+    numpy_dtype,
+    serialize_bytes,
+    triton_from_numpy,
+    utf8_element,
+)
+
+# Which typed `contents` field carries each datatype (FP16/BF16 have none: raw only).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size")
+
+
+def parameter_value(param: pb.InferParameter) -> Any:
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
+    params = {key: parameter_value(value) for key, value in msg.parameters.items()}
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInputError(
+            f"expected {len(msg.inputs)} raw_input_contents (one per input), got {len(raw)}"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    for i, tensor in enumerate(msg.inputs):
+        if tensor.name in inputs:
+            raise InvalidInputError(f"input '{tensor.name}' appears more than once")
+        for key in _UNSUPPORTED_TENSOR_PARAMS:
+            if key in tensor.parameters:
+                raise UnsupportedError(
+                    f"input '{tensor.name}': shared memory is not supported by pipeserve; send "
+                    f"the tensor in the request"
+                )
+        datatypes[tensor.name] = tensor.datatype
+        inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
+    requested = []
+    for out in msg.outputs:
+        if "classification" in out.parameters:
+            raise InvalidInputError(
+                f"output '{out.name}': the classification extension is not supported"
+            )
+        if any(key in out.parameters for key in _UNSUPPORTED_TENSOR_PARAMS):
+            raise UnsupportedError(f"output '{out.name}': shared memory is not supported")
+        requested.append(out.name)
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        request_id=msg.id,
+        inputs=inputs,
+        requested_outputs=tuple(requested),
+        parameters=params,
+        datatypes=datatypes,
+        priority=_int_param(params, "priority"),
+        timeout_us=_int_param(params, "timeout"),
+    )
+
+
+def _int_param(params: Mapping[str, Any], key: str) -> int:
+    value = params.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(
+            f"request parameter '{key}' must be an int64 or uint64, got {type(value).__name__}"
+        )
+    if value < 0:
+        raise InvalidInputError(f"request parameter '{key}' must be >= 0, got {value}")
+    return value
+
+
+def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    name, datatype = tensor.name, tensor.datatype
+    dtype = numpy_dtype(datatype) if datatype else None
+    if dtype is None:
+        raise InvalidInputError(f"input '{name}' has no datatype")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input '{name}' has shape {list(shape)}: dimensions must be >= 0")
+    count = math.prod(shape)
+    has_contents = tensor.HasField("contents")
+    if raw is not None:
+        if has_contents and _contents_len(tensor.contents) > 0:
+            raise InvalidInputError(
+                f"input '{name}' carries both raw_input_contents and typed contents; send one"
+            )
+        if datatype == "BYTES":
+            return deserialize_bytes(raw, count, name).reshape(shape)
+        expected = count * element_size(datatype)
+        if len(raw) != expected:
+            raise InvalidInputError(
+                f"input '{name}' got unexpected byte size {len(raw)}, expected {expected} "
+                f"({datatype} with shape {list(shape)})"
+            )
+        # A read-only view on the request's buffer: no copy.
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInputError(
+            f"input '{name}': datatype {datatype} can only be sent in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input '{name}' got {len(values)} elements in contents.{field}, expected {count} "
+            f"for shape {list(shape)}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        for i, value in enumerate(values):
+            array[i] = utf8_element(value, i, name)
+        return array.reshape(shape)
+    # Typed contents arrive as a repeated field; one conversion into the target dtype.
+    return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+
+
+def _contents_len(contents: pb.InferTensorContents) -> int:
+    return sum(len(getattr(contents, f)) for f in set(_CONTENTS_FIELD.values()))
+
+
+def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.request_id,
+    )
+    declared = {o.name: o.datatype for o in spec.outputs}
+    for name, array in response.outputs.items():
+        datatype = declared.get(name) or triton_from_numpy(array.dtype)
+        out = msg.outputs.add()
+        out.name = name
+        out.datatype = datatype
+        out.shape.extend(array.shape)
+        if datatype == "BYTES":
+            msg.raw_output_contents.append(serialize_bytes(array))
+        else:
+            expected = numpy_dtype(datatype)
+            if array.dtype != expected:
+                array = array.astype(expected)
+            msg.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return msg

@@ -1,0 +1,45 @@
+"""grpc.health.v1.Health: SERVING while the server is ready (what Kubernetes and Docker probe)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pipeserve.api.generated import health_pb2 as hpb
+from pipeserve.api.generated import health_pb2_grpc as hpb_grpc
+from pipeserve.api.grpc_service import ServerState
+
+# The whole server ("") and the inference service answer; anything else is unknown.
+KNOWN_SERVICES = ("", "inference.GRPCInferenceService", "grpc.health.v1.Health")
+
+
+class HealthService(hpb_grpc.HealthServicer):
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+
+    def _status(self, service: str) -> int:
+        if service not in KNOWN_SERVICES:
+            return hpb.HealthCheckResponse.SERVICE_UNKNOWN
+        if self._state.ready:
+            return hpb.HealthCheckResponse.SERVING
+        return hpb.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        status = self._status(request.service)
+        if status == hpb.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service '{request.service}'")
+        return hpb.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context) -> AsyncIterator[hpb.HealthCheckResponse]:  # type: ignore[no-untyped-def, override]
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                yield hpb.HealthCheckResponse(status=status)
+                last = status
+            await self._state.changed.wait()
+
+
+def add_to_server(service: HealthService, server: grpc.aio.Server) -> None:
+    hpb_grpc.add_HealthServicer_to_server(service, server)

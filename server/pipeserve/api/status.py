@@ -1,0 +1,65 @@
+"""The one table from domain errors to gRPC status codes, and the guard that applies it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from pipeserve.errors import (
+    ConfigError,
+    ExecutionError,
+    InvalidInputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    PipeserveError,
+    RequestCancelledError,
+    UnavailableError,
+    UnsupportedError,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first: ConfigError before its parent ModelLoadError.
+STATUS_CODES: tuple[tuple[type[PipeserveError], grpc.StatusCode], ...] = (
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+    (UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
+    (ModelLoadError, grpc.StatusCode.INTERNAL),
+    (ExecutionError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_code(error: PipeserveError) -> grpc.StatusCode:
+    for kind, code in STATUS_CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(method: F) -> F:
+    """Turn domain errors into status codes; anything else into INTERNAL, logged, never a
+    traceback sent to the client."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except PipeserveError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,104 @@
+"""Composition root: builds every part from Settings, starts and stops them in a written order.
+Nothing imports this module except the CLI.
+
+Start:  metrics endpoint -> gRPC server (live, not ready) -> initial model loads -> ready.
+Stop:   not ready (health says NOT_SERVING) -> gRPC stops accepting and waits for in-flight RPCs
+        (up to exit_timeout_secs) -> repository poller -> every model drained and unloaded ->
+        metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from pipeserve.api import grpc_service, health
+from pipeserve.api.grpc_service import InferenceService, ServerState
+from pipeserve.api.health import HealthService
+from pipeserve.metrics import ServerMetrics
+from pipeserve.metrics_http import start_metrics_server
+from pipeserve.registry import Registry
+from pipeserve.repository.control import ModelControl
+from pipeserve.settings import Settings
+
+log = logging.getLogger("pipeserve")
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = ServerState()
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.metrics = ServerMetrics(self.metrics_registry) if settings.metrics else None
+        self.registry = Registry(settings.model_repository, self.metrics)
+        self.control = ModelControl(
+            self.registry,
+            settings.model_repository,
+            settings.model_control_mode,
+            settings.repository_poll_secs,
+            settings.load_models,
+        )
+        limit = settings.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        grpc_service.add_to_server(
+            InferenceService(self.registry, self.control, self.state), self.server
+        )
+        health.add_to_server(HealthService(self.state), self.server)
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_server = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.metrics:
+            self._metrics_server = await start_metrics_server(
+                self.metrics_registry, s.host, s.metrics_port
+            )
+            self.metrics_port = self._metrics_server.port
+        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {s.host}:{s.grpc_port}")
+        await self.server.start()
+        # One parseable line: tests and scripts read the bound ports from it (port 0 = any).
+        log.info(
+            "pipeserve listening: grpc=%s:%d metrics=%s",
+            s.host,
+            self.grpc_port,
+            f"{s.host}:{self.metrics_port}" if s.metrics else "off",
+        )
+        await self.control.start()
+        self.state.set_ready(True)
+        log.info("pipeserve ready: models %s", self.registry.model_names())
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("pipeserve draining (up to %.0fs)", self.settings.exit_timeout_secs)
+        self.state.set_ready(False)
+        await self.server.stop(grace=self.settings.exit_timeout_secs)
+        await self.control.stop()
+        await self.registry.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+        log.info("pipeserve stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()

@@ -1,0 +1,99 @@
+"""Turn a model folder into ready-to-serve versions: config, graph checks, sessions.
+
+Synchronous and slow (onnxruntime session creation holds the GIL for a while): the registry calls
+`load_model_folder` through `asyncio.to_thread`. Every failure is a ModelLoadError with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeserve.api.generated import model_config_pb2 as mc
+from pipeserve.batching.base import ModelRunner
+from pipeserve.errors import ConfigError, ModelLoadError
+from pipeserve.inference import ModelSpec
+from pipeserve.repository.config import (
+    ModelConfig,
+    complete_config,
+    model_spec,
+    read_config,
+    select_versions,
+    validate_config,
+)
+from pipeserve.repository.graph import model_file, read_graph_io
+from pipeserve.repository.scan import version_folders
+from pipeserve.runtime.instances import create_instances, plan_instances
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    version: int
+    path: Path
+    spec: ModelSpec
+    runner: ModelRunner
+    load_seconds: float
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    config: ModelConfig
+    versions: dict[int, LoadedVersion]
+
+    def close(self) -> None:
+        for v in self.versions.values():
+            v.runner.close()
+
+
+def load_model_folder(name: str, folder: Path, override: ModelConfig | None = None) -> LoadedModel:
+    """Read, complete and validate the config, then create sessions for every selected version.
+
+    `override` replaces config.pbtxt (RepositoryModelLoad's `config` parameter).
+    On failure nothing stays loaded.
+    """
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder '{folder}' does not exist")
+    given = override if override is not None else read_config(folder)
+    filename = given.default_model_filename or "model.onnx"
+    found = version_folders(folder, filename)
+    if not found:
+        raise ModelLoadError(
+            f"model '{name}': no version folder (a number, e.g. '1/') holding '{filename}' in "
+            f"'{folder}'"
+        )
+    # Triton completes one config per model, from the newest version's graph.
+    selected_by_raw_policy = select_versions(given, sorted(found))
+    newest = max(selected_by_raw_policy)
+    graph = read_graph_io(found[newest])
+    config = complete_config(given, name, graph)
+    validate_config(config, graph)
+    versions_to_load = select_versions(config, sorted(found))
+    plan = plan_instances(
+        [
+            (mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix("KIND_"), g.count, list(g.gpus))
+            for g in config.instance_group
+        ],
+        {k: v.string_value for k, v in config.parameters.items()},
+    )
+    loaded: dict[int, LoadedVersion] = {}
+    try:
+        for version in versions_to_load:
+            path = found[version]
+            if version != newest:
+                validate_config(config, read_graph_io(path))
+            start = time.monotonic()
+            runner = create_instances(model_file(path), plan, name)
+            loaded[version] = LoadedVersion(
+                version, path, model_spec(config, version), runner, time.monotonic() - start
+            )
+    except BaseException:
+        for v in loaded.values():
+            v.runner.close()
+        raise
+    return LoadedModel(config, loaded)
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or name in ("..",):
+        raise ConfigError(f"invalid model name '{name}'")

@@ -1,0 +1,281 @@
+"""Name/version -> served model, and the lifecycle LOADING / READY / UNLOADING / UNAVAILABLE.
+
+Runs on the event loop. Lookup and submit happen in one synchronous step (`submit`), and a reload
+swaps a model's version table in one assignment before closing the old schedulers; so a request
+either reaches the old version (which drains everything it accepted) or the new one, never a
+closed scheduler. Loads of one model are serialised by a per-model lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeserve.batching.base import Scheduler
+from pipeserve.batching.factory import create_scheduler
+from pipeserve.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    PipeserveError,
+)
+from pipeserve.inference import InferRequest, ModelSpec
+from pipeserve.loader import LoadedModel, check_name, load_model_folder
+from pipeserve.observers import FanOut, InferenceObserver
+from pipeserve.repository.config import ModelConfig
+from pipeserve.statistics import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class MetricsBinder(Protocol):
+    """What the registry needs from the metrics module (pipeserve.metrics.ServerMetrics)."""
+
+    def bind_model(self, name: str, version: int) -> InferenceObserver: ...
+
+    def unbind_model(self, name: str, version: int) -> None: ...
+
+    def observe_load(self, name: str, version: int, seconds: float) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class ServedVersion:
+    name: str
+    version: int
+    config: ModelConfig
+    spec: ModelSpec
+    scheduler: Scheduler
+    stats: ModelStats
+    observer: InferenceObserver
+
+
+@dataclass(slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: ModelState
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
+class _Model:
+    name: str
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = "not loaded"
+    versions: dict[int, ServedVersion] = field(default_factory=dict)
+    config: ModelConfig | None = None
+    loaded: LoadedModel | None = None
+    # Folder made for a load that carried its own files (explicit mode); removed at unload.
+    temp_dir: Path | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Registry:
+    def __init__(self, repository: Path, metrics: MetricsBinder | None = None) -> None:
+        self._repository = repository
+        self._metrics = metrics
+        self._models: dict[str, _Model] = {}
+
+    # ---- request path (event loop, synchronous) ---------------------------------------------
+
+    def lookup(self, name: str, version: str = "") -> ServedVersion:
+        model = self._models.get(name)
+        if model is None or not model.versions:
+            if model is not None and model.state in (ModelState.LOADING, ModelState.UNLOADING):
+                raise ModelNotReadyError(f"model '{name}' is {model.state.value.lower()}")
+            raise ModelNotFoundError.for_model(name, version)
+        if not version:
+            return model.versions[max(model.versions)]
+        try:
+            served = model.versions.get(int(version))
+        except ValueError:
+            served = None
+        if served is None:
+            raise ModelNotFoundError.for_model(name, version)
+        return served
+
+    def submit(
+        self, request: InferRequest
+    ) -> tuple[ServedVersion, asyncio.Future[dict[str, np.ndarray]]]:
+        """Look up, validate and queue a request. Raises PipeserveError at once when it cannot
+        be accepted (the failure is recorded in the model's statistics when the model exists)."""
+        served = self.lookup(request.model_name, request.model_version)
+        try:
+            served.spec.validate(request)
+            return served, served.scheduler.submit(request)
+        except PipeserveError as exc:
+            served.observer.request_failed(exc.reason, time.monotonic_ns() - request.arrival_ns)
+            raise
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.lookup(name, version)
+        except PipeserveError:
+            return False
+        return self._models[name].state is ModelState.READY
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def served_versions(self, name: str) -> list[ServedVersion]:
+        model = self._models.get(name)
+        return [model.versions[v] for v in sorted(model.versions)] if model else []
+
+    def index(self, scanned: Mapping[str, Path] | None = None) -> list[IndexEntry]:
+        """Every known model (and every folder in `scanned` not loaded yet) with its state."""
+        out: list[IndexEntry] = []
+        names = set(self._models) | set(scanned or ())
+        for name in sorted(names):
+            model = self._models.get(name)
+            if model is None:
+                out.append(IndexEntry(name, "", ModelState.UNAVAILABLE, "not loaded"))
+                continue
+            if model.versions and model.state is ModelState.READY:
+                out.extend(
+                    IndexEntry(name, str(v), ModelState.READY, "") for v in sorted(model.versions)
+                )
+            else:
+                version = str(max(model.versions)) if model.versions else ""
+                out.append(IndexEntry(name, version, model.state, model.reason))
+        return out
+
+    # ---- lifecycle (event loop, awaits) ------------------------------------------------------
+
+    async def load(
+        self,
+        name: str,
+        override: ModelConfig | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Load or reload `name` from the repository (or from `files`). A failed reload keeps the
+        versions already serving; a failed first load leaves the model UNAVAILABLE with the reason.
+        Raises ModelLoadError."""
+        check_name(name)
+        model = self._models.setdefault(name, _Model(name))
+        async with model.lock:
+            folder = self._repository / name
+            temp_dir = None
+            if files:
+                if override is None:
+                    raise InvalidInputError(
+                        f"load of '{name}' with file contents needs a 'config' parameter too"
+                    )
+                temp_dir = await asyncio.to_thread(_write_files, name, files)
+                folder = temp_dir / name
+            if not model.versions:
+                model.state = ModelState.LOADING
+                model.reason = ""
+            start = time.monotonic()
+            try:
+                loaded = await asyncio.to_thread(load_model_folder, name, folder, override)
+            except PipeserveError as exc:
+                if temp_dir is not None:
+                    shutil.rmtree(temp_dir, ignore_errors=True)
+                if model.versions:
+                    model.state = ModelState.READY
+                    log.error(
+                        "reload of model '%s' failed, old version keeps serving: %s", name, exc
+                    )
+                else:
+                    model.state = ModelState.UNAVAILABLE
+                    model.reason = exc.message
+                    log.error("failed to load model '%s': %s", name, exc)
+                raise ModelLoadError(f"failed to load '{name}': {exc.message}") from None
+            seconds = time.monotonic() - start
+            new_versions = {v: self._serve(name, loaded, v) for v in loaded.versions}
+            old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir
+            # The swap: from here on every lookup sees the new versions.
+            model.versions = new_versions
+            model.config, model.loaded, model.temp_dir = loaded.config, loaded, temp_dir
+            model.state, model.reason = ModelState.READY, ""
+            for v in new_versions:
+                if self._metrics is not None:
+                    self._metrics.observe_load(name, v, seconds)
+            log.info("model '%s' ready: versions %s (%.2fs)", name, sorted(new_versions), seconds)
+            await self._retire(name, old_versions, old_loaded, old_temp, keep=set(new_versions))
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`; requests already accepted complete first."""
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFoundError.for_model(name)
+        async with model.lock:
+            old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir
+            model.state, model.reason = ModelState.UNLOADING, ""
+            model.versions = {}
+            model.loaded, model.temp_dir = None, None
+            await self._retire(name, old_versions, old_loaded, old_temp, keep=set())
+            model.state, model.reason = ModelState.UNAVAILABLE, "unloaded"
+            model.config = None
+            log.info("model '%s' unloaded", name)
+
+    def forget(self, name: str) -> None:
+        """Drop an unloaded model from the index (its folder was removed)."""
+        model = self._models.get(name)
+        if model is not None and not model.versions and not model.lock.locked():
+            del self._models[name]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.unload(n) for n in list(self._models)), return_exceptions=True)
+
+    def _serve(self, name: str, loaded: LoadedModel, version: int) -> ServedVersion:
+        lv = loaded.versions[version]
+        stats = ModelStats()
+        observers: list[InferenceObserver] = [stats]
+        if self._metrics is not None:
+            observers.append(self._metrics.bind_model(name, version))
+        observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
+        scheduler = create_scheduler(loaded.config, lv.spec, lv.runner, observer)
+        return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
+
+    async def _retire(
+        self,
+        name: str,
+        versions: dict[int, ServedVersion],
+        loaded: LoadedModel | None,
+        temp_dir: Path | None,
+        keep: set[int],
+    ) -> None:
+        """Drain the schedulers of replaced versions, then free their sessions."""
+        await asyncio.gather(*(v.scheduler.close() for v in versions.values()))
+        if loaded is not None:
+            await asyncio.to_thread(loaded.close)
+        if self._metrics is not None:
+            for v in versions:
+                if v not in keep:
+                    self._metrics.unbind_model(name, v)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _write_files(name: str, files: Mapping[str, bytes]) -> Path:
+    """Lay out RepositoryModelLoad `file:<relative path>` contents as `<tmp>/<name>/<path>`."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pipeserve-load-"))
+    model_dir = root / name
+    for relative, content in files.items():
+        target = (model_dir / relative).resolve()
+        if not target.is_relative_to(model_dir.resolve()):
+            shutil.rmtree(root, ignore_errors=True)
+            raise InvalidInputError(f"file path '{relative}' leaves the model folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    return root

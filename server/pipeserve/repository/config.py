@@ -1,0 +1,232 @@
+"""config.pbtxt: parse, auto-complete from the ONNX graph (as Triton does), validate, and derive
+the ModelSpec the request path uses.
+
+The config is the `inference.ModelConfig` message (protobuf text format), so Triton repositories
+load unchanged. This module uses the generated message class as a data format; it never touches
+grpc.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+
+from pipeserve.api.generated import model_config_pb2 as mc
+from pipeserve.errors import ConfigError
+from pipeserve.inference import ModelSpec, TensorSpec
+from pipeserve.repository.graph import GraphIO, GraphTensor
+from pipeserve.tensors import config_type_name, triton_from_config_type
+
+ModelConfig = mc.ModelConfig
+
+DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_MODEL_FILENAME = "model.onnx"
+CONFIG_FILENAME = "config.pbtxt"
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse `<model_dir>/config.pbtxt`; an empty config when the file is absent."""
+    path = model_dir / CONFIG_FILENAME
+    if not path.exists():
+        return ModelConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_config_text(text, str(path))
+
+
+def parse_config_text(text: str, origin: str) -> ModelConfig:
+    config = ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{origin}: invalid model configuration: {exc}") from None
+    return config
+
+
+def parse_config_json(text: str) -> ModelConfig:
+    """A `config` override as sent with RepositoryModelLoad (JSON, Triton's format)."""
+    config = ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except (json_format.ParseError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"invalid JSON model configuration override: {exc}") from None
+    return config
+
+
+def complete_config(config: ModelConfig, name: str, graph: GraphIO) -> ModelConfig:
+    """Fill what the config leaves out from the graph, the way Triton's ONNX backend does.
+
+    - name, platform/backend, default_model_filename.
+    - inputs/outputs missing from the config are added from the graph; listed ones keep their
+      settings and get data_type/dims filled when left out.
+    - max_batch_size: when the config lists no inputs and no outputs (full auto-complete) and
+      every graph input and output has a variable first dimension, 4 with `dynamic_batching {}`.
+    Returns a new message; the argument is not changed.
+    """
+    done = ModelConfig()
+    done.CopyFrom(config)
+    if done.name and done.name != name:
+        raise ConfigError(
+            f"model name in config '{done.name}' does not match the folder name '{name}'"
+        )
+    done.name = name
+    if done.platform and done.platform != "onnxruntime_onnx":
+        raise ConfigError(
+            f"model '{name}': platform '{done.platform}' is not served, expected 'onnxruntime_onnx'"
+        )
+    if done.backend and done.backend != "onnxruntime":
+        raise ConfigError(
+            f"model '{name}': backend '{done.backend}' is not served, expected 'onnxruntime'"
+        )
+    done.platform = "onnxruntime_onnx"
+    done.backend = "onnxruntime"
+    if not done.default_model_filename:
+        done.default_model_filename = DEFAULT_MODEL_FILENAME
+
+    auto = not config.input and not config.output
+    if auto and done.max_batch_size == 0 and graph.supports_batching():
+        done.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+        if not done.HasField("dynamic_batching") and not done.HasField("sequence_batching"):
+            done.dynamic_batching.SetInParent()
+    batch = done.max_batch_size > 0
+
+    _complete_tensors(done.input, graph.inputs, batch)
+    _complete_tensors(done.output, graph.outputs, batch)
+    if not done.instance_group:
+        group = done.instance_group.add()
+        group.count = 1
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    for i, group in enumerate(done.instance_group):
+        if not group.name:
+            group.name = f"{name}_{i}"
+        if group.count == 0:
+            group.count = 1
+    return done
+
+
+def _complete_tensors(listed, graph_tensors: tuple[GraphTensor, ...], batch: bool) -> None:  # type: ignore[no-untyped-def]
+    by_name = {t.name: t for t in graph_tensors}
+    have = {t.name for t in listed}
+    for tensor in listed:
+        g = by_name.get(tensor.name)
+        if g is None:
+            continue  # reported by validate_config with the list of real names
+        if tensor.data_type == mc.TYPE_INVALID:
+            tensor.data_type = mc.DataType.Value(config_type_name(g.datatype))
+        if not tensor.dims:
+            tensor.dims.extend(g.shape[1:] if batch else g.shape)
+    for g in graph_tensors:
+        if g.name in have:
+            continue
+        tensor = listed.add()
+        tensor.name = g.name
+        tensor.data_type = mc.DataType.Value(config_type_name(g.datatype))
+        tensor.dims.extend(g.shape[1:] if batch else g.shape)
+
+
+def validate_config(config: ModelConfig, graph: GraphIO) -> None:
+    """Refuse a completed config that does not match the graph, with the reason."""
+    name = config.name
+    if config.max_batch_size < 0:
+        raise ConfigError(
+            f"model '{name}': max_batch_size must be >= 0, got {config.max_batch_size}"
+        )
+    batch = config.max_batch_size > 0
+    for kind, listed, graph_tensors in (
+        ("input", config.input, graph.inputs),
+        ("output", config.output, graph.outputs),
+    ):
+        by_name = {t.name: t for t in graph_tensors}
+        for tensor in listed:
+            g = by_name.get(tensor.name)
+            if g is None:
+                raise ConfigError(
+                    f"model '{name}': unexpected {kind} '{tensor.name}' in config, the ONNX model "
+                    f"has {kind}s {sorted(by_name)}"
+                )
+            if tensor.HasField("reshape"):
+                raise ConfigError(
+                    f"model '{name}': {kind} '{tensor.name}': reshape is not supported"
+                )
+            datatype = triton_from_config_type(mc.DataType.Name(tensor.data_type))
+            if datatype != g.datatype:
+                raise ConfigError(
+                    f"model '{name}': {kind} '{tensor.name}' has data_type "
+                    f"{mc.DataType.Name(tensor.data_type)} in config but the ONNX model declares "
+                    f"{config_type_name(g.datatype)}"
+                )
+            graph_dims = g.shape
+            if batch:
+                if not graph_dims or graph_dims[0] != -1:
+                    raise ConfigError(
+                        f"model '{name}': max_batch_size is {config.max_batch_size} but {kind} "
+                        f"'{tensor.name}' has shape {list(graph_dims)} in the ONNX model; batching "
+                        f"needs a variable first dimension (set max_batch_size: 0)"
+                    )
+                graph_dims = graph_dims[1:]
+            dims = tuple(tensor.dims)
+            if len(dims) != len(graph_dims) or any(
+                gd != -1 and d != gd for d, gd in zip(dims, graph_dims, strict=True)
+            ):
+                raise ConfigError(
+                    f"model '{name}': {kind} '{tensor.name}' has dims {list(dims)} in config but "
+                    f"the ONNX model declares {list(graph_dims)}"
+                    + (" (without the batch dimension)" if batch else "")
+                )
+    if config.HasField("dynamic_batching") and not batch:
+        raise ConfigError(f"model '{name}': dynamic_batching needs max_batch_size > 0 (it is 0)")
+
+
+def model_spec(config: ModelConfig, version: int) -> ModelSpec:
+    def tensor(t, optional: bool = False, ragged: bool = False) -> TensorSpec:  # type: ignore[no-untyped-def]
+        return TensorSpec(
+            name=t.name,
+            datatype=triton_from_config_type(mc.DataType.Name(t.data_type)),
+            dims=tuple(t.dims),
+            optional=optional,
+            allow_ragged_batch=ragged,
+        )
+
+    return ModelSpec(
+        name=config.name,
+        version=version,
+        max_batch_size=config.max_batch_size,
+        inputs=tuple(tensor(t, t.optional, t.allow_ragged_batch) for t in config.input),
+        outputs=tuple(tensor(t) for t in config.output),
+    )
+
+
+def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
+    """Apply version_policy (default: latest 1) to the version folders found on disk."""
+    ordered = sorted(available)
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        return ordered
+    if which == "specific":
+        wanted = sorted(set(policy.specific.versions))
+        missing = [v for v in wanted if v not in ordered]
+        if missing:
+            raise ConfigError(
+                f"model '{config.name}': version_policy asks for versions {missing} that have no "
+                f"folder with {config.default_model_filename or DEFAULT_MODEL_FILENAME}"
+            )
+        return wanted
+    count = policy.latest.num_versions if which == "latest" else 1
+    if count < 1:
+        raise ConfigError(f"model '{config.name}': version_policy latest needs num_versions >= 1")
+    return ordered[-count:]
+
+
+def parameter(config: ModelConfig, key: str, default: str = "") -> str:
+    """A string parameter from the config's `parameters` map."""
+    entry = config.parameters.get(key)
+    return entry.string_value if entry is not None else default
+
+
+def to_json(config: ModelConfig) -> str:
+    return json_format.MessageToJson(config, preserving_proto_field_name=True)

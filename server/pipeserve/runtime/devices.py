@@ -1,0 +1,59 @@
+"""Which execution providers exist, detected once per process, and which one a stage gets."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def available_providers() -> tuple[str, ...]:
+    return tuple(ort.get_available_providers())
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """CUDA EP listed *and* a device present. onnxruntime-gpu lists the EP on CPU-only machines,
+    so ask the driver through the EP's own device count."""
+    if "CUDAExecutionProvider" not in available_providers():
+        return False
+    try:
+        count = ort.get_device_count("CUDAExecutionProvider")  # type: ignore[attr-defined]
+    except Exception:
+        count = _probe_cuda_session()
+    usable = count > 0
+    if not usable:
+        log.info("no CUDA device found: every model instance runs on the CPU execution provider")
+    return usable
+
+
+def _probe_cuda_session() -> int:
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcudart.so.12")
+    except OSError:
+        try:
+            lib = ctypes.CDLL("libcudart.so.13")
+        except OSError:
+            return 0
+    n = ctypes.c_int(0)
+    if lib.cudaGetDeviceCount(ctypes.byref(n)) != 0:
+        return 0
+    return n.value
+
+
+def providers_for(kind: str, device_id: int = 0) -> tuple[list[object], str]:
+    """Provider list for a stage and the device it will really run on ("cuda:N" or "cpu").
+
+    kind: "GPU", "CPU" or "AUTO" (Triton's instance_group kinds).
+    """
+    if kind in ("GPU", "AUTO") and cuda_usable():
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], (
+            f"cuda:{device_id}"
+        )
+    return ["CPUExecutionProvider"], "cpu"
