@@ -93,6 +93,8 @@ class ServerProcess:
             self.proc.kill()
             code = self.proc.wait()
         self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return code
 
 
