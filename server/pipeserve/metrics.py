@@ -310,20 +310,15 @@ class ModelMetrics:
         return [(s, *s.snapshot()) for _, s in sorted(self._stages.items())]
 
 
-@dataclass(slots=True)
-class _Binding:
-    metrics: ModelMetrics
-    refs: int
-
-
 class ServerMetrics:
     """Owns every bound model version's recorder and exposes them on `registry`.
 
     Registers on `registry`: itself (model series), prometheus_client's ProcessCollector (CPU
     seconds, resident memory, open fds) and, where NVML finds a GPU, a GpuCollector.
 
-    A model version bound twice (a reload that overlaps the running copy) shares one recorder, so
-    its counters run on; its series disappear when the last binding is released.
+    Binding a version that is already bound (a reload of the same version, whose new copy loads
+    while the old one serves) returns the same recorder, so its counters run on without a reset;
+    `unbind_model` at unload removes the version's series whoever bound it.
     """
 
     def __init__(
@@ -335,7 +330,7 @@ class ServerMetrics:
         detect_gpus: bool = True,
     ) -> None:
         self._lock = threading.Lock()
-        self._models: dict[tuple[str, int], _Binding] = {}
+        self._models: dict[tuple[str, int], ModelMetrics] = {}
         registry.register(self)
         if process_metrics:
             ProcessCollector(registry=registry)
@@ -346,35 +341,30 @@ class ServerMetrics:
             registry.register(gpu_collector)
 
     def bind_model(self, name: str, version: int) -> ModelMetrics:
-        """Create (or share) the recorder of a model version; its series appear at once."""
+        """Create the recorder of a model version (or return the bound one); its series appear at
+        once, at zero."""
         with self._lock:
-            binding = self._models.get((name, version))
-            if binding is None:
-                binding = self._models[(name, version)] = _Binding(ModelMetrics(name, version), 0)
-            binding.refs += 1
-            return binding.metrics
+            metrics = self._models.get((name, version))
+            if metrics is None:
+                metrics = self._models[(name, version)] = ModelMetrics(name, version)
+            return metrics
 
     def unbind_model(self, name: str, version: int) -> None:
-        """Release one binding; the last release removes every series of that version. Releasing
-        a version that is not bound does nothing (unload paths may run after a failed load)."""
+        """Remove every series of that version. A version that is not bound is ignored (unload
+        paths may run after a failed load)."""
         with self._lock:
-            binding = self._models.get((name, version))
-            if binding is None:
-                return
-            binding.refs -= 1
-            if binding.refs == 0:
-                del self._models[(name, version)]
+            self._models.pop((name, version), None)
 
     def observe_load(self, name: str, version: int, seconds: float) -> None:
         """Set `nv_model_load_duration_secs` of a bound model version."""
         with self._lock:
-            binding = self._models.get((name, version))
-        if binding is None:
+            metrics = self._models.get((name, version))
+        if metrics is None:
             raise ValueError(
                 f"model '{name}' version {version} is not bound: call bind_model before "
                 f"observe_load"
             )
-        binding.metrics.set_load_seconds(seconds)
+        metrics.set_load_seconds(seconds)
 
     def bound(self) -> list[tuple[str, int]]:
         with self._lock:
@@ -393,7 +383,7 @@ class ServerMetrics:
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            models = [b.metrics for _, b in sorted(self._models.items())]
+            models = [m for _, m in sorted(self._models.items())]
         families = _Families()
         for m in models:
             families.add_model(m.name, str(m.version), m.snapshot(), m.stage_snapshots())
