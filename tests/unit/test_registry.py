@@ -1,0 +1,100 @@
+"""Registry lifecycle with real ONNX models, in-process: load, reload swap, unload drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from pipeserve.errors import ModelLoadError, ModelNotFoundError
+from pipeserve.inference import InferRequest
+from pipeserve.registry import ModelState, Registry
+from tests import onnx_models as om
+
+
+def _request(factor_input: np.ndarray, name: str = "scale") -> InferRequest:
+    return InferRequest(name, "", "", {"x": factor_input})
+
+
+async def _infer(registry: Registry, x: np.ndarray) -> np.ndarray:
+    _, future = registry.submit(_request(x))
+    return (await future)["y"]
+
+
+def test_load_serve_reload_unload(tmp_path):
+    om.write_model(tmp_path, "scale", om.scale(2.0))
+
+    async def scenario() -> None:
+        registry = Registry(tmp_path)
+        await registry.load("scale")
+        x = np.ones((2, 4), np.float32)
+        assert (await _infer(registry, x)).tolist() == (x * 2).tolist()
+        assert registry.is_ready("scale", "1")
+
+        # Requests queued before the reload finish on the old version; later ones see the new.
+        before = [registry.submit(_request(x))[1] for _ in range(20)]
+        om.write_model(tmp_path, "scale", om.scale(3.0))
+        await registry.load("scale")
+        results = await asyncio.gather(*before)
+        assert all(r["y"][0, 0] in (2.0, 3.0) for r in results)
+        assert (await _infer(registry, x))[0, 0] == 3.0
+
+        in_flight = [registry.submit(_request(x))[1] for _ in range(10)]
+        await registry.unload("scale")
+        assert len(await asyncio.gather(*in_flight)) == 10
+        assert registry.index()[0].state is ModelState.UNAVAILABLE
+        assert registry.index()[0].reason == "unloaded"
+        with pytest.raises(ModelNotFoundError, match="Request for unknown model: 'scale'"):
+            registry.submit(_request(x))
+
+    asyncio.run(scenario())
+
+
+def test_failed_reload_keeps_old_version(tmp_path):
+    om.write_model(tmp_path, "scale", om.scale(2.0))
+
+    async def scenario() -> None:
+        registry = Registry(tmp_path)
+        await registry.load("scale")
+        (tmp_path / "scale" / "1" / "model.onnx").write_bytes(b"corrupt")
+        with pytest.raises(ModelLoadError, match="failed to load 'scale'"):
+            await registry.load("scale")
+        assert (await _infer(registry, np.ones((1, 4), np.float32)))[0, 0] == 2.0
+        assert registry.index()[0].state is ModelState.READY
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_failed_first_load_is_unavailable_with_reason(tmp_path):
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "model.onnx").write_bytes(b"corrupt")
+
+    async def scenario() -> None:
+        registry = Registry(tmp_path)
+        with pytest.raises(ModelLoadError):
+            await registry.load("bad")
+        [entry] = registry.index()
+        assert entry.state is ModelState.UNAVAILABLE and "failed to parse" in entry.reason
+
+    asyncio.run(scenario())
+
+
+def test_load_with_files_and_config_override(tmp_path):
+    model = om.scale(5.0).SerializeToString()
+
+    async def scenario() -> None:
+        from pipeserve.repository.config import parse_config_json
+
+        registry = Registry(tmp_path)
+        await registry.load("fromfiles", parse_config_json("{}"), {"1/model.onnx": model})
+        assert (await _infer_named(registry, "fromfiles"))[0, 0] == 5.0
+        await registry.unload("fromfiles")
+
+    asyncio.run(scenario())
+
+
+async def _infer_named(registry: Registry, name: str) -> np.ndarray:
+    _, future = registry.submit(_request(np.ones((1, 4), np.float32), name))
+    return (await future)["y"]
