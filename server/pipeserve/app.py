@@ -20,7 +20,7 @@ from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService, ServerState
 from pipeserve.api.health import HealthService
 from pipeserve.metrics import ServerMetrics
-from pipeserve.metrics_http import start_metrics_server
+from pipeserve.metrics_http import MetricsServer, start_metrics_server
 from pipeserve.registry import Registry
 from pipeserve.repository.control import ModelControl
 from pipeserve.settings import Settings
@@ -56,16 +56,17 @@ class App:
         health.add_to_server(HealthService(self.state), self.server)
         self.grpc_port = 0
         self.metrics_port = 0
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
         if s.metrics:
-            self._metrics_server = await start_metrics_server(
+            metrics_server = await start_metrics_server(
                 self.metrics_registry, s.host, s.metrics_port
             )
-            self.metrics_port = self._metrics_server.port
+            self._metrics_server = metrics_server
+            self.metrics_port = metrics_server.port
         self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {s.host}:{s.grpc_port}")

@@ -167,7 +167,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     await window.acquire()
                     task = asyncio.create_task(one(msg))
                     tasks.add(task)
-                    task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(lambda _: window.release())
                 if tasks:
                     await asyncio.gather(*tasks)
             finally:

@@ -18,7 +18,7 @@ class HealthService(hpb_grpc.HealthServicer):
     def __init__(self, state: ServerState) -> None:
         self._state = state
 
-    def _status(self, service: str) -> int:
+    def _status(self, service: str) -> hpb.HealthCheckResponse.ServingStatus:
         if service not in KNOWN_SERVICES:
             return hpb.HealthCheckResponse.SERVICE_UNKNOWN
         if self._state.ready:

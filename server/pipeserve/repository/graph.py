@@ -11,7 +11,7 @@ from pipeserve.errors import ModelLoadError
 from pipeserve.tensors import triton_from_ort_type
 
 # onnx TensorProto element type -> onnxruntime-style type string, so tensors.py keeps one table.
-_ONNX_TO_ORT = {
+_ONNX_TO_ORT: dict[int, str] = {
     onnx.TensorProto.BOOL: "tensor(bool)",
     onnx.TensorProto.UINT8: "tensor(uint8)",
     onnx.TensorProto.UINT16: "tensor(uint16)",
