@@ -146,7 +146,14 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
             array[i] = utf8_element(value, i, name)
         return array.reshape(shape)
     # Typed contents arrive as a repeated field; one conversion into the target dtype.
-    return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+    try:
+        return np.fromiter(values, dtype=dtype, count=count).reshape(shape)
+    except OverflowError:
+        # int_contents / uint_contents are 32-bit on the wire: INT8/16 and UINT8/16 values may
+        # not fit the tensor's datatype.
+        raise InvalidInputError(
+            f"input '{name}': a value in contents.{field} does not fit {datatype}"
+        ) from None
 
 
 def _contents_len(contents: pb.InferTensorContents) -> int:
