@@ -154,7 +154,8 @@ def test_a_failing_batch_fails_alone_and_the_pipeline_goes_on(tmp_path: Path) ->
     try:
         x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
         good: dict[str, np.ndarray] = {"x": x, "idx": np.zeros((6, 1), np.int64)}
-        bad: dict[str, np.ndarray] = {"x": x, "idx": np.array([[0], [1], [2], [99], [0], [0]], np.int64)}
+        out_of_range = np.array([[0], [1], [2], [99], [0], [0]], np.int64)
+        bad: dict[str, np.ndarray] = {"x": x, "idx": out_of_range}
         errors: list[BaseException] = []
         outputs: list[dict[str, np.ndarray]] = []
 
