@@ -8,6 +8,7 @@ sent as hand-made protobuf messages on the raw gRPC stub.
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 from collections.abc import Callable, Iterator
@@ -428,14 +429,17 @@ def test_typed_contents_value_out_of_range(
     assert_rpc_error(err, grpc.StatusCode.INVALID_ARGUMENT, "input 'INPUT0'", "INT8")
 
 
-def test_fp16_has_no_typed_contents(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
-    request = raw_request("identity_fp16", [("INPUT0", "FP16", [1, 3], None)])
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_half_floats_have_no_typed_contents(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, datatype: str
+) -> None:
+    request = raw_request("identity_fp16", [("INPUT0", datatype, [1, 3], None)])
     err = rpc_error(lambda: stub.ModelInfer(request))
     assert_rpc_error(
         err,
         grpc.StatusCode.INVALID_ARGUMENT,
         "input 'INPUT0'",
-        "FP16 can only be sent in raw_input_contents",
+        f"{datatype} can only be sent in raw_input_contents",
     )
 
 
@@ -570,7 +574,7 @@ def test_bad_requests_do_not_affect_concurrent_good_ones(
     before = client.get_inference_statistics("add_sub").model_stats[0]
     jobs: list[tuple[str, Callable[[grpcclient.InferenceServerClient], Any]]] = []
     for i in range(60):
-        jobs.append(("ok", lambda c, seed=i: _good(c, seed)))
+        jobs.append(("ok", functools.partial(_good, seed=i)))
     for i in range(60):
         jobs.append(BAD_REQUESTS[i % len(BAD_REQUESTS)])
     random.Random(7).shuffle(jobs)

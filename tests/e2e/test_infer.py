@@ -55,9 +55,20 @@ CONTENTS_FIELD = {
 WIDE = 1 << 21  # FP32 elements per row of the `wide` model: 8 MiB, over gRPC's 4 MiB default
 
 
-def _extremes(dtype: type) -> list[int]:
+def _integers(dtype: np.dtype) -> list[int]:
     info = np.iinfo(dtype)
     return [int(info.min), int(info.max), 0, 1, int(info.max) // 3, int(info.min) // 3 or 7]
+
+
+def _floats(dtype: np.dtype) -> list[float]:
+    info = np.finfo(dtype)
+    return [1.5, -0.0, float(info.max), float(info.smallest_subnormal), -np.inf, np.nan]
+
+
+# tritonclient sends BF16 from float32 arrays (keeping the high 16 bits): values bfloat16 holds.
+BF16_VALUES = [1.5, -2.0, 0.0078125, 3.3895313892515355e38, -np.inf, np.nan]
+
+BYTES_VALUES = [b"", b"hello", "h\u00e9llo \u20ac".encode(), b"a\x00b", b"x" * 1000, b"\t\n"]
 
 
 def sample(datatype: str) -> np.ndarray:
@@ -65,20 +76,12 @@ def sample(datatype: str) -> np.ndarray:
     if datatype == "BOOL":
         return np.array([[True, False, True], [False, False, True]])
     if datatype == "BYTES":
-        values = [b"", b"hello", "h\u00e9llo \u20ac".encode(), b"a\x00b", b"x" * 1000, b"\t\n"]
-        return np.array(values, dtype=np.object_).reshape(2, 3)
-    if datatype in ("FP16", "FP32", "FP64"):
-        dtype = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[datatype]
-        info = np.finfo(dtype)
-        values = [1.5, -0.0, float(info.max), float(info.smallest_subnormal), -np.inf, np.nan]
-        return np.array(values, dtype=dtype).reshape(2, 3)
+        return np.array(BYTES_VALUES, dtype=np.object_).reshape(2, 3)
     if datatype == "BF16":
-        # tritonclient sends BF16 from float32 arrays (keeping the high 16 bits): use values that
-        # bfloat16 holds exactly.
-        values = [1.5, -2.0, 0.0078125, 3.3895313892515355e38, -np.inf, np.nan]
-        return np.array(values, dtype=np.float32).reshape(2, 3)
-    dtype = np.dtype(datatype.lower())  # INT8 -> int8, UINT64 -> uint64
-    return np.array(_extremes(dtype.type), dtype=dtype).reshape(2, 3)
+        return np.array(BF16_VALUES, dtype=np.float32).reshape(2, 3)
+    dtype = np.dtype(datatype.lower().replace("fp", "float"))  # INT8 -> int8, FP16 -> float16
+    values = _floats(dtype) if dtype.kind == "f" else _integers(dtype)
+    return np.array(values, dtype=dtype).reshape(2, 3)
 
 
 def build_repository(root: Path) -> Path:
