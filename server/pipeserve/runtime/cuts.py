@@ -45,7 +45,7 @@ def _stages_needed(costs: Sequence[float], limit: float) -> int:
 
 
 def choose_cuts(
-    costs: Sequence[float], crossing: Sequence[float], stages: int, slack: float = 0.05
+    costs: Sequence[float], crossing: Sequence[float], stages: int, slack: float = 0.1
 ) -> list[int]:
     """Cut positions (1..n-1, increasing; position j cuts before node j) for `stages` stages.
 
