@@ -654,6 +654,33 @@ def test_series_in_expr_reads_metric_names_out_of_promql() -> None:
     assert read("max without (gpu) (d:recorded) and on (pod) e offset 5m") == {"d:recorded", "e"}
 
 
+def test_dashboard_queries_parse_as_promql_and_name_the_series_we_check() -> None:
+    """Prometheus' grammar (the promql-parser port) accepts every query once Grafana has put in
+    its interval, and agrees with series_in_expr, which the e2e scrape check relies on."""
+    promql = pytest.importorskip(
+        "promql_parser", reason="promql-parser is not installed (the `test` extra has it)"
+    )
+    series_in_expr = load_dashboard_module().series_in_expr
+    checked = 0
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "1m")
+            try:
+                tree = promql.parse(expr)
+            except ValueError as exc:
+                pytest.fail(f"{panel['title']} {target['refId']}: {exc}: {expr}")
+            names: list[str] = []
+
+            def visit(node: Any, names: list[str] = names) -> None:
+                if isinstance(node, promql.VectorSelector):
+                    names.append(node.name)
+
+            promql.walk(tree, visit)
+            assert set(names) == series_in_expr(target["expr"]), expr
+            checked += 1
+    assert checked >= 20
+
+
 def test_dashboard_series_are_defined_by_the_server_code() -> None:
     """Static twin of tests/e2e/test_dashboard_series.py: each series' family name is spelled
     in the metrics modules (process_* come from prometheus_client's ProcessCollector)."""
