@@ -1,0 +1,227 @@
+"""DynamicBatcher: the scheduler for models with `dynamic_batching` (Triton's semantics; the
+rules for forming a batch live in forming.py, the queues and their policies in queues.py).
+
+Threads and ownership:
+- `submit`, cancellation callbacks and timeout timers run on the event loop; they touch the queues
+  only under `_lock`, for a few list operations each.
+- One worker thread per execution slot (runner.slot_count). A batch forms when a slot is free: the
+  free worker that holds `_form_lock` is the only one that looks at the queues and, when the rules
+  say wait, the only one waiting on `_cond`; the other free workers queue behind it on
+  `_form_lock`. So two free slots never split what one batch could hold, and `submit` wakes at
+  most one thread.
+- After taking a batch the worker releases both locks and runs `execute_batch` (shared with
+  DirectScheduler: gather, run, split, observer calls, cancellation drop, error fan-out).
+
+Timeouts: a request's queue deadline comes from its level's policy (queues.py). REJECT deadlines
+also get a loop timer, so a request is answered "Request timeout expired" on time even while every
+slot is busy; the forming worker applies expiry again before every decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Hashable
+
+import numpy as np
+
+from pipeserve.batching.adaptive import AdaptiveDelay
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler
+from pipeserve.batching.execute import execute_batch, fail
+from pipeserve.batching.forming import DelayPolicy, FixedDelay, decide
+from pipeserve.batching.ordering import OrderedRelease
+from pipeserve.batching.policy import BatchingMode, BatchingPolicy, TimeoutAction
+from pipeserve.batching.queues import Entry, PriorityQueues
+from pipeserve.errors import (
+    ExecutionError,
+    ModelNotReadyError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+from pipeserve.inference import InferRequest, ModelSpec
+from pipeserve.observers import InferenceObserver
+
+log = logging.getLogger(__name__)
+
+
+class DynamicBatcher(Scheduler):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        runner: ModelRunner,
+        observer: InferenceObserver,
+        policy: BatchingPolicy,
+    ) -> None:
+        self._spec = spec
+        self._runner = runner
+        self._observer = observer
+        self._policy = policy
+        self._preferred = frozenset(policy.preferred_batch_sizes)
+        self._queues = PriorityQueues(policy.queue_policies)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._form_lock = threading.Lock()
+        self._former_waiting = False  # guarded by _lock
+        self._closing = False  # written under _lock
+        self._adaptive: AdaptiveDelay | None = None
+        self._delay: DelayPolicy
+        if policy.mode is BatchingMode.ADAPTIVE:
+            self._adaptive = AdaptiveDelay(
+                policy.max_preferred_batch_size, policy.max_queue_delay_ns
+            )
+            self._delay = self._adaptive
+        else:
+            self._delay = FixedDelay(policy.max_queue_delay_ns)
+        self._ordered = OrderedRelease() if policy.preserve_ordering else None
+        # Most models have neither optional inputs nor variable dims: then every request shares
+        # one key and none is computed per request.
+        self._keyed = bool(policy.equal_shape_inputs) or any(s.optional for s in spec.inputs)
+        self._workers = [
+            threading.Thread(
+                target=self._work,
+                args=(slot,),
+                name=f"{spec.name}-v{spec.version}-batch{slot}",
+                daemon=True,
+            )
+            for slot in range(runner.slot_count)
+        ]
+        for w in self._workers:
+            w.start()
+
+    # --- event loop side --------------------------------------------------------------------
+
+    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+        if self._closing:
+            raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic_ns()
+        level = self._policy.level_of(request.priority)
+        queue_policy = self._queues.policy(level)
+        timeout_us = queue_policy.timeout_us(request.timeout_us)
+        deadline = now + timeout_us * 1000 if timeout_us else 0
+        pending = Pending(request, loop.create_future(), loop, deadline_ns=deadline)
+        entry = Entry(pending, request.batch_size, self._key(request), level, now, deadline)
+        with self._lock:
+            if self._closing:
+                raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
+            self._queues.push(entry)  # raises QueueFullError: nothing recorded, nothing queued
+            if self._adaptive is not None:
+                self._adaptive.record_arrival(request.batch_size, now)
+            if self._former_waiting:
+                self._cond.notify()
+        self._observer.pending_changed(+1)
+        pending.future.add_done_callback(functools.partial(self._on_done, entry))
+        if deadline and queue_policy.timeout_action is TimeoutAction.REJECT:
+            loop.call_later(timeout_us / 1e6, self._expire)
+        if self._ordered is not None:
+            return self._ordered.wrap(pending.future, loop)
+        return pending.future
+
+    def _key(self, request: InferRequest) -> Hashable:
+        if not self._keyed:
+            return ()
+        inputs = request.inputs
+        equal = self._policy.equal_shape_inputs
+        parts: list[object] = []
+        for spec in self._spec.inputs:
+            array = inputs.get(spec.name)
+            if array is None:
+                parts.append(None)
+            else:
+                parts.append(array.shape[1:] if spec.name in equal else True)
+        return tuple(parts)
+
+    def _on_done(self, entry: Entry, future: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        """A caller that cancels (client cancel, deadline) leaves the queue at once."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            removed = self._queues.remove(entry)
+        if removed:
+            fail(
+                entry.pending,
+                RequestCancelledError("request was cancelled in the queue"),
+                self._observer,
+            )
+
+    def _expire(self) -> None:
+        with self._lock:
+            rejected = self._queues.expire(time.monotonic_ns())
+            if self._former_waiting:
+                self._cond.notify()  # a DELAY move may change what the next batch is
+        for e in rejected:
+            fail(e.pending, RequestTimeoutError(), self._observer)
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        # Workers drain every accepted request (no more waiting for batches to fill), then stop.
+        await asyncio.to_thread(_join_all, self._workers)
+
+    # --- worker side ------------------------------------------------------------------------
+
+    def _work(self, slot: int) -> None:
+        while True:
+            with self._form_lock:
+                batch = self._next_batch()
+            if batch is None:
+                return
+            started = time.monotonic_ns()
+            pendings = [e.pending for e in batch]
+            try:
+                execute_batch(self._runner, slot, pendings, self._spec, self._observer)
+            except Exception as exc:  # a bug in gather/split must not kill the slot
+                log.exception("batch on model '%s' failed outside the runner", self._spec.name)
+                for p in pendings:
+                    fail(
+                        p,
+                        ExecutionError(f"batch failed on model '{self._spec.name}': {exc}"),
+                        self._observer,
+                    )
+            if self._adaptive is not None:
+                self._adaptive.record_execution(
+                    sum(e.size for e in batch), time.monotonic_ns() - started
+                )
+
+    def _next_batch(self) -> list[Entry] | None:
+        """Wait until the rules send a batch; None when draining is over. Holds _form_lock."""
+        policy = self._policy
+        with self._cond:
+            while True:
+                now = time.monotonic_ns()
+                for e in self._queues.expire(now):
+                    fail(e.pending, RequestTimeoutError(), self._observer)
+                decision = decide(
+                    self._queues.in_service_order(),
+                    max_batch_size=policy.max_batch_size,
+                    preferred=self._preferred,
+                    max_preferred=policy.max_preferred_batch_size,
+                    delay=self._delay,
+                    now_ns=now,
+                    draining=self._closing,
+                )
+                if decision.batch:
+                    self._queues.take(decision.batch)
+                    for e in decision.batch:
+                        e.pending.dequeued_ns = now
+                    return decision.batch
+                if self._closing and not self._queues.queued:
+                    return None
+                wake = decision.wake_ns
+                deadline = self._queues.next_deadline_ns()
+                if deadline and (not wake or deadline < wake):
+                    wake = deadline
+                self._former_waiting = True
+                self._cond.wait(None if not wake else max(wake - now, 0) / 1e9)
+                self._former_waiting = False
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join()

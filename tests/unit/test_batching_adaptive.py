@@ -1,0 +1,109 @@
+"""The adaptive delay as a function of synthetic observations (no clocks, no threads)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeserve.batching.adaptive import AdaptiveDelay, _fit_affine
+from pipeserve.batching.forming import decide
+from tests.unit.batching_fakes import Harness, request, run
+from tests.unit.test_batching_forming import entries
+
+US = 1_000
+MS = 1_000_000
+
+
+def trained(fixed_ms: float = 1.0, per_item_ms: float = 0.1, cap_ns: int = 0) -> AdaptiveDelay:
+    d = AdaptiveDelay(max_preferred=32, cap_ns=cap_ns)
+    for size in (1, 4, 16):
+        for _ in range(3):
+            d.record_execution(size, int((fixed_ms + per_item_ms * size) * MS))
+    return d
+
+
+def arrivals(d: AdaptiveDelay, gap_ns: int, count: int, start: int = 0) -> int:
+    t = start
+    for _ in range(count):
+        t += gap_ns
+        d.record_arrival(1, t)
+    return t
+
+
+def test_fit_recovers_fixed_and_per_item_cost() -> None:
+    fit = _fit_affine({1: (1.1e6, 3), 4: (1.4e6, 3), 16: (2.6e6, 3)})
+    assert fit is not None
+    a, c = fit
+    assert a == pytest.approx(1.0e6) and c == pytest.approx(0.1e6)
+    assert _fit_affine({4: (1.0, 1)}) is None  # one size cannot separate a from c
+
+
+def test_untrained_never_waits() -> None:
+    d = AdaptiveDelay(max_preferred=32)
+    now = arrivals(d, 10 * US, 50)
+    assert d.send_by(1, now, now) == now
+    assert not d.expired(now - 10 * MS, now)
+
+
+def test_single_client_rate_never_waits() -> None:
+    d = trained()  # a = 1 ms
+    # One closed-loop client: one request per execution + round trip (> a).
+    now = arrivals(d, 1_500 * US, 50)
+    assert d.send_by(1, now, now) == now
+
+
+def test_high_rate_waits_while_fewer_than_rate_times_fixed_cost_are_queued() -> None:
+    d = trained()  # a = 1 ms
+    now = arrivals(d, 50 * US, 100)  # 20 per ms: a*L = 20
+    wake = d.send_by(5, now, now)
+    assert now < wake <= now + 1 * MS
+    assert d.send_by(25, now, now) == now  # more queued than arrive per fixed cost: go
+
+
+def test_silence_ends_the_wait() -> None:
+    d = trained()
+    last = arrivals(d, 50 * US, 100)
+    wake = d.send_by(5, last, last)
+    # a*m/S after the last arrival: 1 ms / 5 = 200 us.
+    assert wake == last + 200 * US
+    assert d.send_by(5, last, wake) == wake  # once that much silence passed: go
+
+
+def test_cap_bounds_the_wait_from_the_oldest() -> None:
+    d = trained(cap_ns=100 * US)
+    now = arrivals(d, 10 * US, 200)
+    assert d.send_by(1, now - 50 * US, now) == now + 50 * US
+    assert d.expired(now - 100 * US, now)
+    # Without a configured cap: one execution at the largest preferred size (1 + 3.2 ms).
+    assert not trained().expired(now - 4 * MS, now)
+    assert trained().expired(now - 5 * MS, now)
+
+
+def test_forming_rules_use_the_adaptive_wait() -> None:
+    d = trained()
+    now = arrivals(d, 50 * US, 100)
+    es = entries([1, 1], t0=now)
+    common = dict(max_batch_size=32, preferred=frozenset(), max_preferred=32, draining=False)
+    waiting = decide(es, delay=d, now_ns=now, **common)  # type: ignore[arg-type]
+    assert waiting.batch == [] and waiting.wake_ns > now
+    slow = trained()
+    now = arrivals(slow, 5 * MS, 20)
+    going = decide(es, delay=slow, now_ns=now, **common)  # type: ignore[arg-type]
+    assert len(going.batch) == 2
+
+
+def test_adaptive_batcher_learns_from_executions() -> None:
+    """End to end through DynamicBatcher: before any timing it behaves like delay 0."""
+
+    async def body() -> None:
+        h = Harness(
+            'dynamic_batching { }\nparameters { key: "batching_mode" value: '
+            '{ string_value: "adaptive" } }'
+        )
+        first = h.batcher.submit(request(1))
+        call = await h.runner.next_call()
+        assert call.column() == [1]  # untrained: sent at once, alone
+        call.release()
+        await first
+        await h.close()
+
+    run(body())
