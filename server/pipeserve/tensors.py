@@ -121,9 +121,11 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) 
     Raises InvalidInputError naming the tensor when the buffer is truncated or has bytes left over.
     """
     view = memoryview(buffer)
-    out = np.empty(count, dtype=np.object_)
-    offset = 0
     end = len(view)
+    # Each element takes at least its 4-byte length, so the loop fails before index end // 4 when
+    # `count` is larger: never allocate for more (a tiny request could declare a huge shape).
+    out = np.empty(min(count, end // 4), dtype=np.object_)
+    offset = 0
     for i in range(count):
         if offset + 4 > end:
             raise InvalidInputError(
