@@ -351,8 +351,8 @@ ABC = bytes_element(b"a") + bytes_element(b"b") + bytes_element(b"c")
         ),
         (b"", ("BYTES element 0 of 3 is missing its 4-byte length",)),
         (
-            bytes_element(b"a") + struct.pack("<I", 100) + b"xy",
-            ("BYTES element 1 declares 100 bytes but only 2 remain",),
+            bytes_element(b"a") + struct.pack("<I", 100) + b"0123456789",
+            ("BYTES element 1 declares 100 bytes but only 10 remain",),
         ),
         (ABC + b"\x00\x00", ("2 unexpected bytes after 3 BYTES elements",)),
         (ABC + bytes_element(b"d"), ("5 unexpected bytes after 3 BYTES elements",)),
@@ -365,6 +365,19 @@ def test_malformed_bytes(
     request = raw_request("strings", [("INPUT0", "BYTES", [3], raw)])
     err = rpc_error(lambda: stub.ModelInfer(request))
     assert_rpc_error(err, grpc.StatusCode.INVALID_ARGUMENT, "input 'INPUT0'", *fragments)
+
+
+@pytest.mark.parametrize("shape", [[1 << 40], [1 << 24, 1 << 24]], ids=["2^40", "2^48"])
+def test_bytes_shape_far_larger_than_the_buffer(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, shape: list[int]
+) -> None:
+    """A tiny request declaring a huge BYTES shape is refused before anything is allocated for
+    it (each element needs at least its 4-byte length)."""
+    request = raw_request("strings", [("INPUT0", "BYTES", shape, ABC)])
+    err = rpc_error(lambda: stub.ModelInfer(request, timeout=30))
+    assert_rpc_error(
+        err, grpc.StatusCode.INVALID_ARGUMENT, "input 'INPUT0'", "holds 15 bytes", "4-byte length"
+    )
 
 
 def test_well_formed_raw_bytes_by_hand(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
