@@ -239,6 +239,8 @@ def test_stage_statistics_and_callback(closing: list[PipelineRunner]) -> None:
     assert len(seen) == 36
     runner.reset_stats()
     assert runner.stage_stats().micro_batches == 0
+    runner.run(0, graphs.torch_inputs("mlp", 2), ["y"])
+    assert [s.micro_batches for s in runner.stage_stats().stages] == [1, 1, 1]
 
 
 def test_iobinding_path_on_cpu(closing: list[PipelineRunner]) -> None:

@@ -114,6 +114,9 @@ class _StageCounters:
     __slots__ = ("micro_batches", "compute_ns", "queue_wait_ns", "transfer_ns")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.micro_batches = 0
         self.compute_ns = 0
         self.queue_wait_ns = 0
@@ -288,7 +291,9 @@ class PipelineRunner:
     def reset_stats(self) -> None:
         """Start a new measuring window (benchmarks call it after warm-up)."""
         with self._stats_lock:
-            self._counters = [_StageCounters() for _ in self._stages]
+            # In place: each stage thread holds its own counters object.
+            for counters in self._counters:
+                counters.reset()
             self._batches = self._micro_batches = self._span_ns = self._busy_ns = 0
             self._started_ns = time.monotonic_ns()
 
