@@ -311,3 +311,29 @@ def test_statistics_count_stream_requests(
     after = client.get_inference_statistics("int_identity").model_stats[0].inference_stats
     assert after.success.count - before.success.count == 5
     assert after.fail.count - before.fail.count == 1
+
+
+def test_stream_cancelled_with_requests_in_flight(
+    client: grpcclient.InferenceServerClient, server: ServerProcess
+) -> None:
+    outcomes: queue.Queue[Outcome] = queue.Queue()
+    client.start_stream(callback=lambda result, error: outcomes.put((result, error)))
+    inputs, plus = add_sub_inputs(8, seed=9)
+    for i in range(100):
+        client.async_stream_infer("add_sub", inputs, request_id=f"c{i}")
+    client.stop_stream(cancel_requests=True)
+    # Whatever was answered before the cancel is right; the server goes on serving.
+    while not outcomes.empty():
+        result, error = outcomes.get()
+        if error is None:
+            assert result is not None
+            np.testing.assert_allclose(result.as_numpy("OUTPUT0"), plus, rtol=1e-6)
+        else:
+            assert error.status() == "StatusCode.CANCELLED"
+    np.testing.assert_allclose(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), plus, rtol=1e-6)
+    assert server.proc.poll() is None
+
+
+def test_no_unexpected_server_errors(server: ServerProcess) -> None:
+    """Every error above was answered on purpose: nothing reached the 'unexpected error' log."""
+    assert not [line for line in server.lines if "Traceback" in line or "unexpected" in line]
