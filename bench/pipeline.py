@@ -31,14 +31,15 @@ from pipeserve.inference import ModelSpec, TensorSpec  # noqa: E402
 from pipeserve.runtime.pipeline import PipelineRunner, create_pipeline_runner  # noqa: E402
 
 
-def closed_loop(call: Callable[[], None], callers: int, seconds: float) -> float:
-    """Calls completed per second with `callers` threads calling back to back."""
+def closed_loop(call: Callable[[int], object], callers: int, seconds: float) -> float:
+    """Calls completed per second with `callers` threads calling back to back; caller i
+    calls call(i)."""
     stop = time.monotonic() + seconds
     counts = [0] * callers
 
     def loop(i: int) -> None:
         while time.monotonic() < stop:
-            call()
+            call(i)
             counts[i] += 1
 
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
@@ -74,6 +75,7 @@ def pipeline(path: Path, stages: int, micro: int | None) -> PipelineRunner:
 def throughput_rows(path: Path, batches: list[int], seq: int, seconds: float) -> list[dict]:
     rng = np.random.default_rng(0)
     session = baseline_session(path, threads=2)
+    instances = [baseline_session(path, threads=1) for _ in range(2)]
     runner = pipeline(path, 2, None)
     rows = []
     try:
@@ -81,11 +83,16 @@ def throughput_rows(path: Path, batches: list[int], seq: int, seconds: float) ->
             x = rng.standard_normal((batch, seq, 256)).astype(np.float32)
             session.run(None, {"x": x})
             runner.run(0, {"x": x}, ["y"])
-            single = closed_loop(lambda x=x: session.run(["y"], {"x": x}), 1, seconds)
-            piped = closed_loop(
-                lambda x=x: runner.run(0, {"x": x}, ["y"]), runner.slot_count, seconds
+            single = closed_loop(lambda i, x=x: session.run(["y"], {"x": x}), 1, seconds)
+            # Data parallelism, what instance_group count 2 gives: 2 sessions x 1 thread.
+            replicated = closed_loop(
+                lambda i, x=x: instances[i].run(["y"], {"x": x}), 2, seconds
             )
-            rows.append({"batch": batch, "single": single * batch, "pipeline": piped * batch})
+            piped = closed_loop(
+                lambda i, x=x: runner.run(i, {"x": x}, ["y"]), runner.slot_count, seconds
+            )
+            rows.append({"batch": batch, "single": single * batch, "pipeline": piped * batch,
+                         "instances": replicated * batch})
     finally:
         runner.close()
     return rows
@@ -103,7 +110,7 @@ def bubble_rows(path: Path, batch: int, seq: int, seconds: float) -> list[dict]:
         try:
             runner.run(0, {"x": x}, ["y"])
             runner.reset_stats()
-            closed_loop(lambda runner=runner: runner.run(0, {"x": x}, ["y"]), 1, seconds)
+            closed_loop(lambda i, runner=runner: runner.run(i, {"x": x}, ["y"]), 1, seconds)
             stats = runner.stage_stats()
         finally:
             runner.close()
@@ -131,14 +138,19 @@ def main() -> None:
         bubbles = [bubble_rows(path, 8, args.seq, args.seconds) for _ in range(args.repeat)]
     print(f"encoder stack: {args.layers} layers, width 256, 4 heads, ffn 1024, seq {args.seq}; "
           f"{args.repeat} run(s), medians\n")
-    print("| batch | 1 session x 2 threads (rows/s) | 2 stages x 1 thread (rows/s) | ratio |")
-    print("|---:|---:|---:|---:|")
+    print("| batch | 1 session x 2 threads | 2 stages x 1 thread | pipeline / session "
+          "| 2 sessions x 1 thread | pipeline / 2 sessions |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for i, batch in enumerate(batches):
         single = statistics.median(r[i]["single"] for r in runs)
         piped = statistics.median(r[i]["pipeline"] for r in runs)
+        replicated = statistics.median(r[i]["instances"] for r in runs)
         ratios = [r[i]["pipeline"] / r[i]["single"] for r in runs]
+        versus = [r[i]["pipeline"] / r[i]["instances"] for r in runs]
         print(f"| {batch} | {single:.1f} | {piped:.1f} | {statistics.median(ratios):.2f}x "
-              f"({', '.join(f'{x:.2f}' for x in ratios)}) |")
+              f"({', '.join(f'{x:.2f}' for x in ratios)}) | {replicated:.1f} | "
+              f"{statistics.median(versus):.2f}x ({', '.join(f'{x:.2f}' for x in versus)}) |")
+    print("\n(rows/s; ratios: median, then each run's)")
     print("\nbubble fraction, 2 stages, batch 8, one batch in flight:\n")
     print("| micro-batch | m | measured | theory (p-1)/(m+p-1) | stage compute split |")
     print("|---:|---:|---:|---:|---|")
