@@ -48,6 +48,9 @@ LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
     )
 )  # fmt: skip
 BATCH_BOUNDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Bucket label values, formatted once rather than at every scrape.
+_LATENCY_LE = (*(floatToGoString(ns / 1e9) for ns in LATENCY_BOUNDS_NS), "+Inf")
+_BATCH_LE = (*(floatToGoString(b) for b in BATCH_BOUNDS), "+Inf")
 
 # Triton's failure reasons, in the order its counters are kept. Anything else is counted as OTHER
 # so a new error class can never add a label value (cardinality stays bounded).
@@ -106,6 +109,47 @@ class TritonCounterFamily(Metric):
         self.add_sample(self.name, labels, value)
 
 
+class Labels(dict[str, str]):
+    """A label dict that carries its exposition text (`k="v",...`, sorted, escaped), made once at
+    bind time; `render_metrics` writes it without formatting labels again."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        super().__init__(labels)
+        self.text = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in sorted(labels.items()))
+
+
+def escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSets:
+    """The label dicts of one model version's (or stage's) samples, built once at bind and reused
+    by every scrape, so a scrape allocates no label dicts. Readers must not mutate them."""
+
+    base: Labels
+    latency_le: tuple[Labels, ...]  # base + le, one per latency bucket, "+Inf" last
+    batch_le: tuple[Labels, ...] = ()
+    by_reason: tuple[Labels, ...] = ()  # base + reason, in FAILURE_REASONS order
+
+    @classmethod
+    def for_model(cls, name: str, version: int) -> LabelSets:
+        base = {"model": name, "version": str(version)}
+        return cls(
+            Labels(base),
+            tuple(Labels({**base, "le": le}) for le in _LATENCY_LE),
+            tuple(Labels({**base, "le": le}) for le in _BATCH_LE),
+            tuple(Labels({**base, "reason": reason}) for reason in FAILURE_REASONS),
+        )
+
+    @classmethod
+    def for_stage(cls, model: dict[str, str], stage: int, device: str) -> LabelSets:
+        base = {**model, "stage": str(stage), "device": device}
+        return cls(Labels(base), tuple(Labels({**base, "le": le}) for le in _LATENCY_LE))
+
+
 @dataclass(frozen=True, slots=True)
 class Histogram:
     """A point-in-time copy of one histogram: per-bucket counts (last is +Inf) and the sum."""
@@ -117,24 +161,20 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def cumulative(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
-        running = 0
-        out: list[tuple[str, float]] = []
-        for bound, n in zip((*bounds, float("inf")), self.counts, strict=True):
-            running += n
-            out.append((floatToGoString(bound), running))
-        return out
-
 
 class StageMetrics:
     """One pipeline stage on one device. Called from that stage's thread only, but the lock keeps
     it correct if an executor ever shares a stage between threads."""
 
-    __slots__ = ("stage", "device", "_lock", "_compute", "_compute_ns", "_transfer", "_transfer_ns")
+    __slots__ = (
+        "stage", "device", "labels", "_lock",
+        "_compute", "_compute_ns", "_transfer", "_transfer_ns",
+    )  # fmt: skip
 
-    def __init__(self, stage: int, device: str) -> None:
+    def __init__(self, stage: int, device: str, model_labels: dict[str, str]) -> None:
         self.stage = stage
         self.device = device
+        self.labels = LabelSets.for_stage(model_labels, stage, device)
         self._lock = threading.Lock()
         self._compute = [0] * (len(LATENCY_BOUNDS_NS) + 1)
         self._compute_ns = 0
@@ -186,7 +226,8 @@ class ModelMetrics:
     """
 
     __slots__ = (
-        "name", "version", "_lock", "_success", "_failure", "_inference_count", "_exec_count",
+        "name", "version", "labels", "_lock",
+        "_success", "_failure", "_inference_count", "_exec_count",
         "_request", "_request_ns", "_queue", "_queue_ns", "_input_ns", "_infer_ns", "_output_ns",
         "_compute", "_compute_ns", "_batch", "_batch_sum", "_pending", "_load_seconds", "_stages",
     )  # fmt: skip
@@ -194,6 +235,7 @@ class ModelMetrics:
     def __init__(self, name: str, version: int) -> None:
         self.name = name
         self.version = version
+        self.labels = LabelSets.for_model(name, version)
         self._lock = threading.Lock()
         self._success = 0
         self._failure = [0] * len(FAILURE_REASONS)
@@ -273,7 +315,7 @@ class ModelMetrics:
         with self._lock:
             found = self._stages.get(key)
             if found is None:
-                found = StageMetrics(stage, device)
+                found = StageMetrics(stage, device, self.labels.base)
                 self._stages = {**self._stages, key: found}
             return found
 
@@ -386,12 +428,8 @@ class ServerMetrics:
             models = [m for _, m in sorted(self._models.items())]
         families = _Families()
         for m in models:
-            families.add_model(m.name, str(m.version), m.snapshot(), m.stage_snapshots())
+            families.add_model(m.labels, m.snapshot(), m.stage_snapshots())
         return iter(families.all())
-
-
-_LATENCY_BOUNDS_S = tuple(ns / 1e9 for ns in LATENCY_BOUNDS_NS)
-_BATCH_BOUNDS_F = tuple(float(b) for b in BATCH_BOUNDS)
 
 
 class _Families:
@@ -443,43 +481,36 @@ class _Families:
 
     def add_model(
         self,
-        name: str,
-        version: str,
+        labels: LabelSets,
         s: ModelSnapshot,
         stages: list[tuple[StageMetrics, Histogram, Histogram]],
     ) -> None:
-        labels = {"model": name, "version": version}
+        base = labels.base
         c = self.counters
-        c["nv_inference_request_success"].add(labels, s.success)
-        for reason, n in zip(FAILURE_REASONS, s.failure, strict=True):
-            c["nv_inference_request_failure"].add({**labels, "reason": reason}, n)
-        c["nv_inference_count"].add(labels, s.inference_count)
-        c["nv_inference_exec_count"].add(labels, s.exec_count)
-        c["nv_inference_request_duration_us"].add(labels, s.request.total // 1_000)
-        c["nv_inference_queue_duration_us"].add(labels, s.queue.total // 1_000)
-        c["nv_inference_compute_input_duration_us"].add(labels, s.compute_input_ns // 1_000)
-        c["nv_inference_compute_infer_duration_us"].add(labels, s.compute_infer_ns // 1_000)
-        c["nv_inference_compute_output_duration_us"].add(labels, s.compute_output_ns // 1_000)
-        values = [name, version]
-        self.pending.add_metric(values, s.pending)
+        c["nv_inference_request_success"].add(base, s.success)
+        for reason_labels, n in zip(labels.by_reason, s.failure, strict=True):
+            c["nv_inference_request_failure"].add(reason_labels, n)
+        c["nv_inference_count"].add(base, s.inference_count)
+        c["nv_inference_exec_count"].add(base, s.exec_count)
+        c["nv_inference_request_duration_us"].add(base, s.request.total // 1_000)
+        c["nv_inference_queue_duration_us"].add(base, s.queue.total // 1_000)
+        c["nv_inference_compute_input_duration_us"].add(base, s.compute_input_ns // 1_000)
+        c["nv_inference_compute_infer_duration_us"].add(base, s.compute_infer_ns // 1_000)
+        c["nv_inference_compute_output_duration_us"].add(base, s.compute_output_ns // 1_000)
+        self.pending.add_sample(self.pending.name, base, s.pending)
         if s.load_seconds is not None:
-            self.load.add_metric(values, s.load_seconds)
-        for family, h in (
-            (self.request, s.request),
-            (self.queue, s.queue),
-            (self.compute, s.compute),
-        ):
-            family.add_metric(values, h.cumulative(_LATENCY_BOUNDS_S), h.total / 1e9)
-        self.batch.add_metric(values, s.batch_size.cumulative(_BATCH_BOUNDS_F), s.batch_size.total)
+            self.load.add_sample(self.load.name, base, s.load_seconds)
+        _add_histogram(self.request, labels.latency_le, base, s.request, 1e-9)
+        _add_histogram(self.queue, labels.latency_le, base, s.queue, 1e-9)
+        _add_histogram(self.compute, labels.latency_le, base, s.compute, 1e-9)
+        _add_histogram(self.batch, labels.batch_le, base, s.batch_size, 1)
         for stage, compute, transfer in stages:
-            stage_values = [name, version, str(stage.stage), stage.device]
-            self.stage_compute.add_metric(
-                stage_values, compute.cumulative(_LATENCY_BOUNDS_S), compute.total / 1e9
+            sl = stage.labels
+            _add_histogram(self.stage_compute, sl.latency_le, sl.base, compute, 1e-9)
+            _add_histogram(self.stage_transfer, sl.latency_le, sl.base, transfer, 1e-9)
+            self.stage_busy.add_sample(
+                self.stage_busy.name + "_total", sl.base, compute.total / 1e9
             )
-            self.stage_transfer.add_metric(
-                stage_values, transfer.cumulative(_LATENCY_BOUNDS_S), transfer.total / 1e9
-            )
-            self.stage_busy.add_metric(stage_values, compute.total / 1e9)
 
     def all(self) -> list[Metric]:
         return [
@@ -494,3 +525,20 @@ class _Families:
             self.stage_transfer,
             self.stage_busy,
         ]
+
+
+def _add_histogram(
+    family: Metric,
+    le_labels: tuple[dict[str, str], ...],
+    base: dict[str, str],
+    h: Histogram,
+    scale: float,
+) -> None:
+    """Append one labelled histogram (cumulative buckets, count, sum) to `family`."""
+    bucket = family.name + "_bucket"
+    running = 0
+    for labels, n in zip(le_labels, h.counts, strict=True):
+        running += n
+        family.add_sample(bucket, labels, running)
+    family.add_sample(family.name + "_count", base, running)
+    family.add_sample(family.name + "_sum", base, h.total * scale)

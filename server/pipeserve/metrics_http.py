@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-from pipeserve.metrics import TritonCounterFamily
+from pipeserve.metrics import Labels, TritonCounterFamily, escape_label_value
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_HEAD_BYTES = 16 * 1024
@@ -39,34 +40,62 @@ class _One:
 
 
 def render_metrics(registry: CollectorRegistry) -> bytes:
-    """Every family of `registry` in the Prometheus text format, Triton's counters unsuffixed."""
-    parts: list[bytes] = []
+    """Every family of `registry` in the Prometheus text format, Triton's counters unsuffixed.
+
+    Plain families (counters, gauges, histograms without timestamps, exemplars or `_created`
+    samples: everything pipeserve's collectors make) are written here, several times faster than
+    prometheus_client's per-sample writer; any other family goes through that writer unchanged.
+    """
+    out: list[str] = []
     for family in registry.collect():
-        if isinstance(family, TritonCounterFamily):
-            parts.append(_render_bare_counter(family).encode())
+        if _plain(family):
+            _write_family(family, out)
         else:
-            parts.append(generate_latest(_One(family)))  # type: ignore[arg-type]
-    return b"".join(parts)
+            out.append(generate_latest(_One(family)).decode())  # type: ignore[arg-type]
+    return "".join(out).encode()
 
 
-def _render_bare_counter(family: Metric) -> str:
-    lines = [
-        f"# HELP {family.name} {_escape_help(family.documentation)}",
-        f"# TYPE {family.name} counter",
-    ]
+def _plain(family: Metric) -> bool:
+    if family.type not in ("counter", "gauge", "histogram"):
+        return False
+    return all(
+        s.timestamp is None
+        and s.exemplar is None
+        and s.native_histogram is None
+        and not s.name.endswith("_created")
+        for s in family.samples
+    )
+
+
+def _write_family(family: Metric, out: list[str]) -> None:
+    name = family.name
+    if family.type == "counter" and not isinstance(family, TritonCounterFamily):
+        name += "_total"  # the 0.0.4 text format names a counter by its sample name
+    out.append(f"# HELP {name} {_escape_help(family.documentation)}\n")
+    out.append(f"# TYPE {name} {family.type}\n")
     for s in family.samples:
-        labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in sorted(s.labels.items()))
-        value = str(s.value) if isinstance(s.value, int) else floatToGoString(s.value)
-        lines.append(f"{s.name}{{{labels}}} {value}" if labels else f"{s.name} {value}")
-    return "\n".join(lines) + "\n"
+        labels = s.labels
+        if labels:
+            text = labels.text if isinstance(labels, Labels) else _label_text(labels)
+            out.append(f"{s.name}{{{text}}} {_format_value(s.value)}\n")
+        else:
+            out.append(f"{s.name} {_format_value(s.value)}\n")
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value):
+        return repr(float(value))
+    return floatToGoString(value)  # +Inf, -Inf, NaN
 
 
 def _escape_help(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+def _label_text(labels: dict[str, str]) -> str:
+    return ",".join([f'{k}="{escape_label_value(v)}"' for k, v in sorted(labels.items())])
 
 
 class MetricsServer:

@@ -256,7 +256,7 @@ def test_stage_series_bound_up_front_and_recorded() -> None:
     text = render_metrics(registry).decode()
     assert (
         'pipeserve_stage_compute_duration_seconds_count{device="cuda:1",model="big",stage="1",'
-        'version="1"} 0.0' in text
+        'version="1"} 0\n' in text
     )
     s0.observe(2_000_000, 0)
     m.stage_done(1, "cuda:1", 3_000_000, 40_000)

@@ -6,7 +6,7 @@ import asyncio
 import http.client
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeserve.metrics import ServerMetrics
@@ -37,9 +37,33 @@ def test_label_values_are_escaped_and_parse_back() -> None:
 def test_other_collectors_keep_prometheus_client_naming() -> None:
     registry, _ = registry_with_model()
     Gauge("extra_things", "an unrelated gauge", registry=registry).set(7)
+    Counter("extra_events", "an unrelated counter", registry=registry).inc(3)
     text = render_metrics(registry).decode()
     assert "# TYPE extra_things gauge\nextra_things 7.0\n" in text
     assert "# TYPE process_cpu_seconds_total counter\n" in text
+    assert "# TYPE extra_events_total counter\nextra_events_total 3.0\n" in text
+    assert "extra_events_created " in text  # written by prometheus_client's own writer
+
+
+def test_everything_but_triton_counters_reads_back_as_prometheus_clients_writer_has_it() -> None:
+    """The fast writer and generate_latest agree on every sample of every other family."""
+    registry, metrics = registry_with_model()
+    metrics.bind_model("m", 1).stage_done(0, "cpu", 1_000_000, 5_000)
+    metrics.observe_load("m", 1, 0.75)
+    Histogram("extra_seconds", "an unrelated histogram", registry=registry).observe(0.3)
+
+    def samples(text: str) -> set[tuple[str, tuple, float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for f in text_string_to_metric_families(text)
+            if not f.name.startswith(("nv_inference_", "process_"))  # process values move
+            for s in f.samples
+        }
+
+    ours = samples(render_metrics(registry).decode())
+    theirs = samples(generate_latest(registry).decode())
+    assert ours == theirs
+    assert any(name == "pipeserve_stage_busy_seconds_total" for name, _, _ in ours)
 
 
 def _get(port: int, method: str = "GET", path: str = "/metrics") -> tuple[int, dict, bytes]:
