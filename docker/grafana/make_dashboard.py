@@ -177,7 +177,7 @@ def rows() -> list[tuple[str, list[Panel]]]:
                 ),
                 timeseries(
                     "Pending requests",
-                    "Requests waiting in the scheduler queues now "
+                    "Requests accepted and not yet answered (queued or executing) "
                     "(nv_inference_pending_request_count; the HPA example scales on it).",
                     "short",
                     [
