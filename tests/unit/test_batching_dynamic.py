@@ -73,12 +73,16 @@ def test_cut_at_largest_preferred_size_reached() -> None:
             "dynamic_batching { preferred_batch_size: [2, 4] "
             "max_queue_delay_microseconds: 60000000 }"
         )
-        # 60 s delay: only the preferred-size rule can send anything while the test runs.
+        # 60 s delay: only the preferred-size rule can send anything while the test runs. A
+        # 4-row blocker goes at once (preferred size) and keeps the slot busy while 5 queue.
+        blocker = h.batcher.submit(request(0, rows=4))
+        call = await h.runner.next_call()
         futures = [h.batcher.submit(request(i)) for i in range(1, 6)]
+        call.release()
         call = await h.runner.next_call()
         assert call.column() == [1, 2, 3, 4]
         call.release()
-        await asyncio.gather(*futures[:4])
+        await asyncio.gather(blocker, *futures[:4])
         assert not futures[4].done()
         await h.close()  # draining sends the rest without waiting
         await futures[4]
@@ -232,11 +236,13 @@ def test_queue_full_rejects_at_once_per_level() -> None:
 
 def test_timeout_reject_answers_while_every_slot_is_busy() -> None:
     async def body() -> None:
+        # The blocker goes to level 1 (no timeout), so it cannot expire before it runs.
         h = Harness(
-            "dynamic_batching { default_queue_policy { default_timeout_microseconds: 1000 } }"
+            "dynamic_batching { priority_levels: 2 default_priority_level: 1 "
+            "priority_queue_policy { key: 2 value: { default_timeout_microseconds: 1000 } } }"
         )
         first, call = await _start_blocked(h)
-        late = h.batcher.submit(request(1))
+        late = h.batcher.submit(request(1, priority=2))
         # The only slot stays blocked, so only the queue timeout can answer this request.
         with pytest.raises(RequestTimeoutError, match="Request timeout expired"):
             await late
