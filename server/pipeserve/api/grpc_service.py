@@ -129,6 +129,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request)
 
     async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        # An unknown model is reported as such even when the tensors are malformed too (Triton).
+        self._registry.lookup(msg.model_name, msg.model_version)
         request = decode_request(msg)
         served, pending = self._registry.submit(request)
         outputs = await pending

@@ -6,7 +6,9 @@ thread for slot i, so sessions need no lock.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +19,12 @@ import onnxruntime as ort
 
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.runtime.devices import providers_for
+from pipeserve.tensors import BF16_DTYPE
 
 log = logging.getLogger(__name__)
+
+_BF16 = "tensor(bfloat16)"
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,10 @@ class SessionInstances:
     def __init__(self, sessions: list[ort.InferenceSession], devices: list[str]) -> None:
         self._sessions = sessions
         self.devices = tuple(devices)
+        # onnxruntime's numpy bridge refuses bfloat16 (ml_dtypes' dtype is foreign to it): models
+        # with a bfloat16 input or output run through OrtValues that carry the raw bits.
+        io = [*sessions[0].get_inputs(), *sessions[0].get_outputs()] if sessions else []
+        self._bf16 = any(arg.type == _BF16 for arg in io)
 
     @property
     def slot_count(self) -> int:
@@ -44,12 +54,41 @@ class SessionInstances:
         self, slot: int, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
     ) -> dict[str, np.ndarray]:
         names = list(output_names)
+        if self._bf16:
+            return _run_with_ort_values(self._sessions[slot], inputs, names)
         results = self._sessions[slot].run(names, dict(inputs))
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
         # Dropping the references frees the sessions (and with them any mapped weights).
         self._sessions.clear()
+
+
+def _run_with_ort_values(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], names: list[str]
+) -> dict[str, np.ndarray]:
+    feeds = {name: _to_ort_value(array) for name, array in inputs.items()}
+    results = session.run_with_ort_values(names, feeds)
+    return {name: _from_ort_value(value) for name, value in zip(names, results, strict=True)}
+
+
+def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
+    if array.dtype == BF16_DTYPE:
+        bits = np.ascontiguousarray(array).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
+    if value.data_type() != _BF16:
+        return value.numpy()
+    shape = tuple(value.shape())
+    count = math.prod(shape)
+    if count == 0:
+        return np.empty(shape, dtype=BF16_DTYPE)
+    # Copy the bits out: the OrtValue owns them and is freed when it goes out of scope.
+    bits = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.frombuffer(bits, dtype=np.uint16).copy().view(BF16_DTYPE).reshape(shape)
 
 
 def plan_instances(
