@@ -7,6 +7,7 @@ Synchronous and slow (onnxruntime session creation holds the GIL for a while): t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,22 @@ from pipeserve.repository.config import (
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.runtime.instances import create_instances, plan_instances
+from pipeserve.runtime.pipeline import create_pipeline_runner
+
+
+class StageSink:
+    """Forwards pipeline stage timings to the recorder the registry binds when it serves the
+    version (metrics are bound after the sessions exist). Called from stage threads."""
+
+    __slots__ = ("target",)
+
+    def __init__(self) -> None:
+        self.target: Callable[[int, str, int, int], None] | None = None
+
+    def __call__(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None:
+        target = self.target
+        if target is not None:
+            target(stage, device, compute_ns, transfer_ns)
 
 
 @dataclass(slots=True)
@@ -34,6 +51,7 @@ class LoadedVersion:
     spec: ModelSpec
     runner: ModelRunner
     load_seconds: float
+    stage_sink: StageSink
 
 
 @dataclass(slots=True)
@@ -69,12 +87,13 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
     config = complete_config(given, name, graph)
     validate_config(config, graph)
     versions_to_load = select_versions(config, sorted(found))
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
     plan = plan_instances(
         [
             (mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix("KIND_"), g.count, list(g.gpus))
             for g in config.instance_group
         ],
-        {k: v.string_value for k, v in config.parameters.items()},
+        parameters,
     )
     loaded: dict[int, LoadedVersion] = {}
     try:
@@ -83,9 +102,16 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             if version != newest:
                 validate_config(config, read_graph_io(path))
             start = time.monotonic()
-            runner = create_instances(model_file(path), plan, name)
+            spec = model_spec(config, version)
+            sink = StageSink()
+            # A model with pipeline parameters runs as stages; any other as plain instances.
+            runner: ModelRunner | None = create_pipeline_runner(
+                model_file(path), parameters, spec, on_stage=sink
+            )
+            if runner is None:
+                runner = create_instances(model_file(path), plan, name)
             loaded[version] = LoadedVersion(
-                version, path, model_spec(config, version), runner, time.monotonic() - start
+                version, path, spec, runner, time.monotonic() - start, sink
             )
     except BaseException:
         for v in loaded.values():

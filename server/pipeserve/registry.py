@@ -45,10 +45,14 @@ class ModelState(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+class ModelRecorder(InferenceObserver, Protocol):
+    def stage_done(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None: ...
+
+
 class MetricsBinder(Protocol):
     """What the registry needs from the metrics module (pipeserve.metrics.ServerMetrics)."""
 
-    def bind_model(self, name: str, version: int) -> InferenceObserver: ...
+    def bind_model(self, name: str, version: int) -> ModelRecorder: ...
 
     def unbind_model(self, name: str, version: int) -> None: ...
 
@@ -240,7 +244,9 @@ class Registry:
         stats = ModelStats()
         observers: list[InferenceObserver] = [stats]
         if self._metrics is not None:
-            observers.append(self._metrics.bind_model(name, version))
+            recorder = self._metrics.bind_model(name, version)
+            observers.append(recorder)
+            lv.stage_sink.target = recorder.stage_done
         observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
         scheduler = create_scheduler(loaded.config, lv.spec, lv.runner, observer)
         return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
