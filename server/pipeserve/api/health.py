@@ -10,8 +10,11 @@ from pipeserve.api.generated import health_pb2 as hpb
 from pipeserve.api.generated import health_pb2_grpc as hpb_grpc
 from pipeserve.api.grpc_service import ServerState
 
+# Liveness: SERVING while the process runs, also while it drains (restarting a draining server
+# would drop its in-flight requests). Every other known service reports readiness.
+LIVENESS_SERVICE = "pipeserve.live"
 # The whole server ("") and the inference service answer; anything else is unknown.
-KNOWN_SERVICES = ("", "inference.GRPCInferenceService", "grpc.health.v1.Health")
+KNOWN_SERVICES = ("", "inference.GRPCInferenceService", "grpc.health.v1.Health", LIVENESS_SERVICE)
 
 
 class HealthService(hpb_grpc.HealthServicer):
@@ -21,6 +24,9 @@ class HealthService(hpb_grpc.HealthServicer):
     def _status(self, service: str) -> hpb.HealthCheckResponse.ServingStatus:
         if service not in KNOWN_SERVICES:
             return hpb.HealthCheckResponse.SERVICE_UNKNOWN
+        if service == LIVENESS_SERVICE:
+            live = self._state.live
+            return hpb.HealthCheckResponse.SERVING if live else hpb.HealthCheckResponse.NOT_SERVING
         if self._state.ready:
             return hpb.HealthCheckResponse.SERVING
         return hpb.HealthCheckResponse.NOT_SERVING

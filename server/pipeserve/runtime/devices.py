@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import os
+from pathlib import Path
 
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def available_cpus() -> int:
+    """Cores this process may really use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    os.cpu_count() is the host's count, which in a CPU-limited container gives every session
+    far more threads than it has cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: the affinity count stands
+    return cores
 
 
 @functools.cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeserve.errors import ConfigError, ModelLoadError
-from pipeserve.runtime.devices import providers_for
+from pipeserve.runtime.devices import available_cpus, providers_for
 from pipeserve.tensors import BF16_DTYPE
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def plan_instances(
             gpu_ids.append(ids[i % len(ids)] if kind != "CPU" else 0)
     total = max(1, len(kinds))
     # Split the machine's cores between instances unless the config says otherwise.
-    default_threads = max(1, (os.cpu_count() or 1) // total)
+    default_threads = max(1, available_cpus() // total)
     intra = _int_param(params, "intra_op_thread_count", default_threads)
     inter = _int_param(params, "inter_op_thread_count", 1)
     return InstancePlan(tuple(kinds), tuple(gpu_ids), intra, inter)

@@ -15,13 +15,13 @@ A model is pipelined when `pipeline_devices`, `pipeline_stages` or `pipeline_cut
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeserve.errors import ConfigError
+from pipeserve.runtime.devices import available_cpus
 
 PIPELINE_KEYS = ("pipeline_devices", "pipeline_stages", "pipeline_cuts")
 ALL_KEYS = (
@@ -108,7 +108,7 @@ def parse_pipeline_config(
             f"pipeline_cuts names {len(cuts)} tensor(s) but {stages} stages need "
             f"{stages - 1} cut(s)"
         )
-    cores = cpu_count or os.cpu_count() or 1
+    cores = cpu_count or available_cpus()
     cpu_stages = sum(1 for d in devices if d.kind == "cpu") or 1
     threads = _positive_int(parameters, "pipeline_threads_per_stage") or max(1, cores // cpu_stages)
     in_flight = _positive_int(parameters, "pipeline_in_flight") or stages
