@@ -58,7 +58,7 @@ def test_level_of_maps_zero_and_out_of_range_to_default() -> None:
     assert single.level_of(5) == 0
 
 
-def test_equal_shape_inputs_are_variable_and_not_ragged() -> None:
+def test_equal_shape_inputs_are_the_variable_ones_ragged_included() -> None:
     model = spec(
         dims=(-1,),
         extra_inputs=[
@@ -67,7 +67,8 @@ def test_equal_shape_inputs_are_variable_and_not_ragged() -> None:
         ],
     )
     p = policy("dynamic_batching { }", model)
-    assert p.equal_shape_inputs == frozenset({"x"})
+    # Ragged inputs need batch_input support to be concatenated; until then equal shapes only.
+    assert p.equal_shape_inputs == frozenset({"x", "ragged"})
 
 
 @pytest.mark.parametrize(

@@ -79,8 +79,10 @@ class BatchingPolicy:
     default_priority_level: int  # 1-based
     queue_policies: tuple[QueuePolicy, ...]  # index = level - 1
     mode: BatchingMode = BatchingMode.FIXED
-    # Inputs whose shapes must be equal for requests to share a batch: variable (-1) dims and not
-    # allow_ragged_batch.
+    # Inputs whose shapes must be equal for requests to share a batch: those with variable (-1)
+    # dims. allow_ragged_batch does not lift this: Triton feeds ragged inputs to the model as one
+    # flattened tensor described by `batch_input` offsets, which pipeserve does not build, and
+    # concatenating unequal shapes along the batch dimension is impossible.
     equal_shape_inputs: frozenset[str] = frozenset()
 
     @property
@@ -160,9 +162,7 @@ class BatchingPolicy:
             default_priority_level=default_level,
             queue_policies=tuple(overrides.get(lv, default_policy) for lv in range(1, levels + 1)),
             mode=_mode(name, config.parameters),
-            equal_shape_inputs=frozenset(
-                s.name for s in spec.inputs if -1 in s.dims and not s.allow_ragged_batch
-            )
+            equal_shape_inputs=frozenset(s.name for s in spec.inputs if -1 in s.dims)
             if spec.batching
             else frozenset(),
         )
