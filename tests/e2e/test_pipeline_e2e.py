@@ -1,11 +1,7 @@
-"""A pipelined model served end to end: the real server, the real tritonclient, CPU stages.
-
-Skips (saying why) until the loader builds runners with create_pipeline_runner; then it runs.
-"""
+"""A pipelined model served end to end: the real server, the real tritonclient, CPU stages."""
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from collections.abc import Iterator
 
@@ -14,14 +10,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 
-import pipeserve.loader
 from tests.e2e.server import ServerProcess
 from tests.fixtures import graphs
-
-pytestmark = pytest.mark.skipif(
-    "create_pipeline_runner" not in inspect.getsource(pipeserve.loader),
-    reason="the loader does not build pipeline runners yet (create_pipeline_runner unused)",
-)
 
 ENCODER_CONFIG = """
 name: "encoder_pipe"
