@@ -1,4 +1,4 @@
-"""argv -> Settings -> App. Subcommands: serve, health, pack, split."""
+"""argv -> Settings -> App. Subcommands: serve, health, split (and pack)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeserve import __version__
+from pipeserve.runtime.split_cli import add_split_parser
 from pipeserve.settings import MAX_MESSAGE_LIMIT, Settings, SettingsError, env_defaults
 
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _health_parser(sub)
+    add_split_parser(sub)
     return parser
 
 
