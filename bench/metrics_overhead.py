@@ -7,20 +7,23 @@ execution_done, request_succeeded, pending -1), timed for
   - FanOut(ModelStats, prometheus_client children) recording the same series the usual way
     (pre-bound Counter/Gauge/Histogram children), to show why ModelMetrics keeps plain ints.
 Part 2 (real servers): two `pipeserve serve` processes over the same repository, one with
---no-metrics, both up at once; the same closed-loop load (tritonclient.grpc.aio, C requests in
-flight, a tiny model so that per-request overhead weighs the most) is sent in short bursts
-alternating between them (off-on, on-off, ...), so that a shared machine's drift hits both alike.
-Per burst: throughput, and the server process's CPU time per request (from /proc), which is far
-less sensitive to neighbours than throughput. Prometheus is imitated by a scrape of /metrics every
---scrape-interval seconds on the metrics server throughout.
+--no-metrics, both up at once, each driven by its own client process with the same closed-loop
+load (tritonclient.grpc.aio, C requests in flight, a tiny model so that per-request overhead
+weighs the most), in simultaneous bursts, so that a shared machine's neighbours hit both alike.
+Per burst and server: throughput, and the server process's CPU time per request (from /proc).
+Prometheus is imitated by a scrape of /metrics every --scrape-interval seconds throughout.
+`--control` runs the same with metrics off on both servers: the spread of that A/A ratio is
+the method's noise floor.
 
-    .venv/bin/python bench/metrics_overhead.py --bursts 10 --seconds 3 --concurrency 8
+    .venv/bin/python bench/metrics_overhead.py --bursts 16 --seconds 3 --concurrency 8
+    .venv/bin/python bench/metrics_overhead.py --bursts 16 --seconds 3 --concurrency 8 --control
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import re
 import statistics
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeserve.metrics import LATENCY_BOUNDS_NS, ServerMetrics
+from pipeserve.metrics_http import render_metrics
 from pipeserve.observers import ExecutionTimings, FanOut
 from pipeserve.statistics import ModelStats
 
@@ -132,6 +137,23 @@ def part1(n: int, repeats: int) -> dict[str, float]:
         results["metrics"].append(per_request_ns(with_metrics(), n))
         results["prometheus_client"].append(per_request_ns(with_client(), n))
     return {k: statistics.median(v) for k, v in results.items()}
+
+
+def render_ms(models: int, repeats: int = 5) -> float:
+    """Median time to render /metrics with `models` bound model versions (each recorded once)."""
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry, detect_gpus=False)
+    execution = ExecutionTimings(1, 20_000, 300_000, 15_000)
+    for i in range(models):
+        m = metrics.bind_model(f"model_{i}", 1)
+        m.execution_done(execution)
+        m.request_succeeded(1, 400_000, 30_000, execution)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        render_metrics(registry)
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return statistics.median(times)
 
 
 # ---- part 2 -------------------------------------------------------------------------------
@@ -233,53 +255,89 @@ def scraper(url: str, interval: float, stop: threading.Event, sizes: list[int]) 
             sizes.append(len(response.read()))
 
 
-async def measure(
+def client_process(url: str, concurrency: int, conn: Connection) -> None:
+    """A load generator in its own process (its own GIL), bursting on command."""
+
+    async def serve() -> None:
+        load = Load(url, concurrency)
+        while (seconds := conn.recv()) is not None:
+            conn.send(await load.burst(seconds))
+        await load.client.close()
+
+    asyncio.run(serve())
+
+
+def measure(
     servers: dict[str, Server], bursts: int, seconds: float, concurrency: int
 ) -> dict[str, list[tuple[float, float]]]:
-    """Alternate bursts between the servers (off-on, on-off, ...) so that the machine's drift
-    hits both alike. Per burst: (requests/s, server CPU microseconds per request)."""
-    loads = {mode: Load(server.grpc, concurrency) for mode, server in servers.items()}
-    for load in loads.values():
-        await load.burst(2.0)  # warm-up: sessions, connections, allocator
-    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in servers}
-    for i in range(bursts):
-        order = ("off", "on") if i % 2 == 0 else ("on", "off")
-        for mode in order:
-            pid = servers[mode].proc.pid
-            cpu0 = cpu_seconds(pid)
-            n, elapsed = await loads[mode].burst(seconds)
-            cpu = cpu_seconds(pid) - cpu0
-            results[mode].append((n / elapsed, cpu / n * 1e6))
-        off, on = results["off"][-1], results["on"][-1]
-        print(f"  pair {i + 1:2d}: off {off[0]:7.1f} req/s {off[1]:6.0f} cpu-us/req | "
-              f"on {on[0]:7.1f} req/s {on[1]:6.0f} cpu-us/req", flush=True)  # fmt: skip
-    for load in loads.values():
-        await load.client.close()
+    """Burst both servers at the same time, each from its own client process, so that whatever
+    else the machine is doing hits both alike. Per burst and server: (requests/s, server CPU
+    microseconds per request)."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes: dict[str, Connection] = {}
+    clients = []
+    for mode, server in servers.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=client_process, args=(server.grpc, concurrency, child))
+        proc.start()
+        pipes[mode] = parent
+        clients.append(proc)
+    try:
+        for pipe in pipes.values():  # warm-up: sessions, connections, allocator
+            pipe.send(2.0)
+        for pipe in pipes.values():
+            pipe.recv()
+        results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in servers}
+        for i in range(bursts):
+            cpu0 = {mode: cpu_seconds(s.proc.pid) for mode, s in servers.items()}
+            for pipe in pipes.values():
+                pipe.send(seconds)
+            for mode, pipe in pipes.items():
+                n, elapsed = pipe.recv()
+                cpu = cpu_seconds(servers[mode].proc.pid) - cpu0[mode]
+                results[mode].append((n / elapsed, cpu / n * 1e6))
+            a, b = (results[mode][-1] for mode in servers)
+            names = list(servers)
+            print(f"  burst {i + 1:2d}: {names[0]} {a[0]:7.1f} req/s {a[1]:6.0f} cpu-us/req | "
+                  f"{names[1]} {b[0]:7.1f} req/s {b[1]:6.0f} cpu-us/req", flush=True)  # fmt: skip
+    finally:
+        for pipe in pipes.values():
+            pipe.send(None)
+        for proc in clients:
+            proc.join(30)
     return results
 
 
-def part2(bursts: int, seconds: float, concurrency: int, scrape_interval: float) -> dict:
+def part2(
+    bursts: int, seconds: float, concurrency: int, scrape_interval: float, control: bool
+) -> dict:
+    """`control`: both servers without metrics (an A/A run that shows the method's noise)."""
     scrape_bytes: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         write_repository(repo)
-        servers = {"off": Server(repo, metrics=False), "on": Server(repo, metrics=True)}
+        servers = {"off": Server(repo, metrics=False), "on": Server(repo, metrics=not control)}
         stop = threading.Event()
-        threading.Thread(
-            target=scraper,
-            args=(servers["on"].metrics_url, scrape_interval, stop, scrape_bytes),
-            daemon=True,
-        ).start()
+        if not control:
+            threading.Thread(
+                target=scraper,
+                args=(servers["on"].metrics_url, scrape_interval, stop, scrape_bytes),
+                daemon=True,
+            ).start()
         try:
-            results = asyncio.run(measure(servers, bursts, seconds, concurrency))
+            results = measure(servers, bursts, seconds, concurrency)
         finally:
             stop.set()
             for server in servers.values():
                 server.stop()
     pairs = list(zip(results["off"], results["on"], strict=True))
+    throughput = [on[0] / off[0] for off, on in pairs]
+    cpu = [on[1] / off[1] for off, on in pairs]
     return {
-        "throughput_ratio": statistics.median(on[0] / off[0] for off, on in pairs),
-        "cpu_ratio": statistics.median(on[1] / off[1] for off, on in pairs),
+        "throughput_ratio": statistics.median(throughput),
+        "throughput_iqr": statistics.quantiles(throughput, n=4)[::2],
+        "cpu_ratio": statistics.median(cpu),
+        "cpu_iqr": statistics.quantiles(cpu, n=4)[::2],
         "median_off": statistics.median(r[0] for r in results["off"]),
         "median_on": statistics.median(r[0] for r in results["on"]),
         "cpu_off": statistics.median(r[1] for r in results["off"]),
@@ -292,11 +350,14 @@ def part2(bursts: int, seconds: float, concurrency: int, scrape_interval: float)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per burst")
-    parser.add_argument("--bursts", type=int, default=10, help="bursts per mode (alternated)")
+    parser.add_argument("--bursts", type=int, default=10, help="simultaneous bursts")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--scrape-interval", type=float, default=1.0)
     parser.add_argument("--calls", type=int, default=200_000, help="part 1 requests per timing")
     parser.add_argument("--skip-server", action="store_true", help="part 1 only")
+    parser.add_argument(
+        "--control", action="store_true", help="A/A: both servers without metrics (noise floor)"
+    )
     args = parser.parse_args()
 
     print("part 1: observer cost per request (median of 5 interleaved timings)")
@@ -305,17 +366,26 @@ def main() -> None:
         print(f"  {name:18s} {ns:8.0f} ns/request")
     print(f"  metrics add        {p1['metrics'] - p1['stats']:8.0f} ns/request over stats alone")
     print(f"  prometheus_client  {p1['prometheus_client'] - p1['stats']:8.0f} ns/request instead")
+    for models in (1, 100):
+        print(f"  scrape render, {models:3d} model(s): {render_ms(models):6.2f} ms")
     if args.skip_server:
         return
     print(
-        f"part 2: servers with metrics off and on, add_sub batch 1, concurrency "
-        f"{args.concurrency}, {args.bursts} alternated {args.seconds:.0f} s bursts each"
+        f"part 2: servers with metrics off and {'off (control)' if args.control else 'on'}, "
+        f"add_sub batch 1, concurrency {args.concurrency} each, {args.bursts} simultaneous "
+        f"{args.seconds:.0f} s bursts"
     )
-    p2 = part2(args.bursts, args.seconds, args.concurrency, args.scrape_interval)
+    p2 = part2(args.bursts, args.seconds, args.concurrency, args.scrape_interval, args.control)
     print(f"  median req/s: off {p2['median_off']:.1f}, on {p2['median_on']:.1f}")
     print(f"  median server cpu-us/request: off {p2['cpu_off']:.0f}, on {p2['cpu_on']:.0f}")
-    print(f"  median paired on/off throughput ratio {p2['throughput_ratio']:.3f}")
-    print(f"  median paired on/off server-CPU-per-request ratio {p2['cpu_ratio']:.3f}")
+    lo, hi = p2["throughput_iqr"]
+    print(
+        f"  paired on/off throughput ratio: median {p2['throughput_ratio']:.3f}, "
+        f"IQR {lo:.3f}-{hi:.3f}"
+    )
+    lo, hi = p2["cpu_iqr"]
+    print(f"  paired on/off server-CPU-per-request ratio: median {p2['cpu_ratio']:.3f}, "
+          f"IQR {lo:.3f}-{hi:.3f}")  # fmt: skip
     print(f"  {p2['scrapes']} scrapes of /metrics, ~{p2['scrape_bytes']:.0f} bytes each")
 
 
