@@ -3,6 +3,7 @@ prometheus_client's parser, exact counts against what the client saw; unload rem
 
 from __future__ import annotations
 
+import shutil
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as om
 from tests.e2e.server import ServerProcess
+from tests.fixtures import graphs
 
 ADD_SUB_CONFIG = """
 name: "add_sub"
@@ -41,6 +43,18 @@ input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
 dynamic_batching { default_queue_policy { max_queue_size: 1 } }
+"""
+
+
+# A model split into two CPU stages; no dynamic batching, so each request executes alone and is
+# cut into ceil(batch / 2) micro-batches that pass through both stages.
+MLP_PIPE_CONFIG = """
+name: "mlp_pipe"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 64 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 10 ] } ]
+parameters { key: "pipeline_devices" value: { string_value: "cpu,cpu" } }
+parameters { key: "micro_batch_size" value: { string_value: "2" } }
 """
 
 
@@ -85,9 +99,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("metrics_repo")
     om.write_model(repo, "add_sub", om.add_sub(), config=ADD_SUB_CONFIG)
     om.write_model(repo, "slow", slow_model(), config=SLOW_CONFIG)
-    proc = ServerProcess(
-        repo, "--model-control-mode", "explicit", "--load-model", "add_sub", "--load-model", "slow"
-    ).wait_ready()
+    (repo / "mlp_pipe" / "1").mkdir(parents=True)
+    shutil.copy(graphs.torch_model("mlp"), repo / "mlp_pipe" / "1" / "model.onnx")
+    (repo / "mlp_pipe" / "config.pbtxt").write_text(MLP_PIPE_CONFIG)
+    models = ("add_sub", "slow", "mlp_pipe")
+    load = [arg for name in models for arg in ("--load-model", name)]
+    proc = ServerProcess(repo, "--model-control-mode", "explicit", *load).wait_ready()
     yield proc
     proc.stop()
 
@@ -243,6 +260,35 @@ def test_unloading_a_model_removes_its_series_and_reloading_starts_at_zero(
     text, families = scrape(server)
     assert 'nv_inference_request_success{model="add_sub",version="1"} 0\n' in text
     client.close()
+
+
+def test_pipeline_stage_series_count_every_micro_batch_in_every_stage(
+    server: ServerProcess,
+) -> None:
+    client = grpcclient.InferenceServerClient(server.url)
+    batches = (4, 3, 1)  # micro-batches of 2: 2 + 2 + 1
+    for batch in batches:
+        x = grpcclient.InferInput("x", [batch, 64], "FP32")
+        x.set_data_from_numpy(graphs.torch_inputs("mlp", batch)["x"])
+        assert client.infer("mlp_pipe", [x]).as_numpy("y").shape == (batch, 10)
+    client.close()
+    _, families = scrape(server)
+    micro_batches = sum(-(-b // 2) for b in batches)
+    for stage in ("0", "1"):
+        labels = {"model": "mlp_pipe", "version": "1", "stage": stage, "device": "cpu"}
+        for family in (
+            "pipeserve_stage_compute_duration_seconds",
+            "pipeserve_stage_transfer_duration_seconds",
+        ):
+            assert sample(families, family, "_count", **labels) == micro_batches
+        busy = counter(families, "pipeserve_stage_busy_seconds", **labels)
+        assert busy == pytest.approx(
+            sample(families, "pipeserve_stage_compute_duration_seconds", "_sum", **labels)
+        )
+        assert busy > 0
+    whole = {"model": "mlp_pipe", "version": "1"}
+    assert counter(families, "nv_inference_exec_count", **whole) == len(batches)
+    assert counter(families, "nv_inference_count", **whole) == sum(batches)
 
 
 def test_no_gpu_series_on_a_machine_without_gpu(server: ServerProcess) -> None:
