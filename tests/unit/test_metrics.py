@@ -182,14 +182,14 @@ def test_compute_and_batch_size_histograms_count_executions() -> None:
     for batch in (1, 3, 8, 5000):
         m.execution_done(timings(batch, cin=100_000, infer=200_000, cout=50_000))
 
-    batch = "pipeserve_batch_size"
+    sizes = "pipeserve_batch_size"
     assert BATCH_BOUNDS[:4] == (1, 2, 4, 8)
-    assert value(registry, batch, batch + "_bucket", model="m", version="1", le="1.0") == 1
-    assert value(registry, batch, batch + "_bucket", model="m", version="1", le="2.0") == 1
-    assert value(registry, batch, batch + "_bucket", model="m", version="1", le="4.0") == 2
-    assert value(registry, batch, batch + "_bucket", model="m", version="1", le="8.0") == 3
-    assert value(registry, batch, batch + "_bucket", model="m", version="1", le="+Inf") == 4
-    assert value(registry, batch, batch + "_sum", model="m", version="1") == 5012
+    assert value(registry, sizes, sizes + "_bucket", model="m", version="1", le="1.0") == 1
+    assert value(registry, sizes, sizes + "_bucket", model="m", version="1", le="2.0") == 1
+    assert value(registry, sizes, sizes + "_bucket", model="m", version="1", le="4.0") == 2
+    assert value(registry, sizes, sizes + "_bucket", model="m", version="1", le="8.0") == 3
+    assert value(registry, sizes, sizes + "_bucket", model="m", version="1", le="+Inf") == 4
+    assert value(registry, sizes, sizes + "_sum", model="m", version="1") == 5012
     compute = "pipeserve_compute_duration_seconds"
     # 100 + 200 + 50 us = 350 us per execution, in the 500 us bucket
     assert value(registry, compute, compute + "_bucket", model="m", version="1", le="0.00025") == 0
