@@ -37,6 +37,13 @@ def test_fit_recovers_fixed_and_per_item_cost() -> None:
     assert _fit_affine({4: (1.0, 1)}) is None  # one size cannot separate a from c
 
 
+def test_fixed_cost_never_exceeds_the_cheapest_execution() -> None:
+    # Stale large-batch timings (a busier period) imply a fixed cost above what a batch of one
+    # costs now.
+    fit = _fit_affine({1: (1.0e6, 3), 8: (5.7e6, 3), 16: (6.6e6, 3)})  # unclamped: 1.37 ms
+    assert fit is not None and fit[0] <= 1.0e6
+
+
 def test_untrained_never_waits() -> None:
     d = AdaptiveDelay(max_preferred=32)
     now = arrivals(d, 10 * US, 50)

@@ -127,4 +127,7 @@ def _fit_affine(by_size: dict[int, tuple[float, int]]) -> tuple[float, float] | 
     a = (sy - c * sx) / sw
     if c < 0:  # noise: time fell with size; treat the cost as all fixed
         c, a = 0.0, sy / sw
-    return max(a, 0.0), c
+    # What every execution pays cannot exceed the cheapest execution seen: noisy or stale timings
+    # of large batches must not make a lone request wait for company.
+    cheapest = min(mean for mean, _ in by_size.values())
+    return min(max(a, 0.0), cheapest), c

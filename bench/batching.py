@@ -1,0 +1,338 @@
+"""Dynamic batching benchmark: an MLP (512 -> 2048 -> 2048 -> 512, FP32) served by pipeserve with
+batching off, on (delay 0), with fixed delays and in adaptive mode, at concurrency 1, 8 and 32,
+next to two limits measured in the same run:
+
+- onnxruntime in-process at the batch sizes the server formed (ModelStatistics batch_stats of
+  that very measurement, each size timed in this process with the server's session options);
+- a do-nothing grpc.aio server (bench/noop_server.py) that only decodes requests and answers:
+  the ceiling of per-request gRPC work in Python on this machine.
+
+Load: perf_analyzer (closed loop, --async, batch 1 per request) where it runs, else the async
+tritonclient generator in bench/loadgen.py. Targets are measured in a rotating order within each
+repeat, so drift on a shared machine hits them alike; the table gives medians over repeats.
+
+    .venv/bin/python bench/batching.py --repeats 2 --window 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Load, perf_analyzer_usable, run_aio, run_perf_analyzer  # noqa: E402
+
+from pipeserve.runtime.devices import available_cpus  # noqa: E402
+
+SIZES = (512, 2048, 2048, 512)
+MAX_BATCH = 32
+IO = (
+    'input [{ name: "x" data_type: TYPE_FP32 dims: [512] }]\n'
+    'output [{ name: "y" data_type: TYPE_FP32 dims: [512] }]\n'
+)
+# Served variants of the same model file: name -> config body after max_batch_size.
+VARIANTS = {
+    "off": "",
+    "on": "dynamic_batching { }",
+    "delay_500us": "dynamic_batching { max_queue_delay_microseconds: 500 }",
+    "delay_2ms": "dynamic_batching { max_queue_delay_microseconds: 2000 }",
+    "adaptive": 'dynamic_batching { }\nparameters { key: "batching_mode" value: '
+    '{ string_value: "adaptive" } }',
+}
+NOOP = "noop"
+
+
+def mlp(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    for i, (a, b) in enumerate(zip(SIZES, SIZES[1:], strict=False)):
+        inits.append(
+            numpy_helper.from_array(
+                (rng.standard_normal((a, b)) * (1 / np.sqrt(a))).astype(np.float32), f"w{i}"
+            )
+        )
+        inits.append(numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}"))
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [f"h{i}"]))
+        current = f"h{i}"
+        if i < len(SIZES) - 2:
+            nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+            current = f"r{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SIZES[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SIZES[-1]])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def write_repository(root: Path, model: Path) -> None:
+    for variant, body in VARIANTS.items():
+        folder = root / f"mlp_{variant}"
+        (folder / "1").mkdir(parents=True)
+        os.link(model, folder / "1" / "model.onnx")  # one file on disk for every variant
+        (folder / "config.pbtxt").write_text(
+            f'name: "mlp_{variant}"\nmax_batch_size: {MAX_BATCH}\n{IO}{body}\n'
+        )
+
+
+@contextmanager
+def process(cmd: list[str], ready: str, port_pattern: str) -> Iterator[int]:
+    """Start a server, yield its port once `ready` was logged, stop it afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port, lines = 0, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if m := re.search(port_pattern, line):
+            port = int(m.group(1))
+        if ready in line:
+            break
+    if not port or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines))
+    drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def formed_batches(client: grpcclient.InferenceServerClient, model: str) -> dict[int, int]:
+    stats = client.get_inference_statistics(model).model_stats[0]
+    return {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
+
+
+def delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    out = {size: n - before.get(size, 0) for size, n in after.items()}
+    return {size: n for size, n in out.items() if n > 0}
+
+
+def ort_seconds_per_batch(model: Path, sizes: set[int], budget_s: float = 0.4) -> dict[int, float]:
+    """Median seconds per run at each batch size, with the server's default session options."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = available_cpus()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    out = {}
+    for size in sorted(sizes):
+        x = np.random.default_rng(size).standard_normal((size, SIZES[0])).astype(np.float32)
+        for _ in range(3):
+            session.run(["y"], {"x": x})
+        times = []
+        end = time.monotonic() + budget_s
+        while time.monotonic() < end or len(times) < 5:
+            t0 = time.perf_counter()
+            session.run(["y"], {"x": x})
+            times.append(time.perf_counter() - t0)
+        out[size] = statistics.median(times)
+    return out
+
+
+def measure(url: str, model: str, concurrency: int, window: float, tool: str) -> Load:
+    if tool == "perf_analyzer":
+        return run_perf_analyzer(url, model, concurrency, window, f"x:{SIZES[0]}")
+    x = np.random.default_rng(1).standard_normal((1, SIZES[0])).astype(np.float32)
+    return run_aio(url, model, concurrency, window, {"x": x})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--window", type=float, default=2.0, help="seconds per window")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--loadgen", choices=["auto", "perf_analyzer", "aio"], default="auto")
+    parser.add_argument("--json", type=Path, default=Path("bench/out/batching.json"))
+    args = parser.parse_args()
+    tool = args.loadgen
+    if tool == "auto":
+        tool = "perf_analyzer" if perf_analyzer_usable() else "aio"
+    print(f"load generator: {tool}; cores available: {available_cpus()}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = mlp(root / "mlp.onnx")
+        write_repository(root / "repo", model)
+        serve = [
+            sys.executable,
+            "-m",
+            "pipeserve",
+            "serve",
+            "--model-repository",
+            str(root / "repo"),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--no-metrics",
+        ]
+        noop = [sys.executable, str(Path(__file__).with_name("noop_server.py")), "--model", "mlp"]
+        with (
+            process(serve, "pipeserve ready", r"grpc=\S+:(\d+)") as port,
+            process(noop, "noop listening", r"noop listening: (\d+)") as noop_port,
+        ):
+            url, noop_url = f"127.0.0.1:{port}", f"127.0.0.1:{noop_port}"
+            client = grpcclient.InferenceServerClient(url)
+            targets = [NOOP, *VARIANTS]
+            rows: list[dict] = []
+            for repeat in range(args.repeats):
+                for c in args.concurrency:
+                    shift = (repeat + args.concurrency.index(c)) % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        name = "mlp" if target == NOOP else f"mlp_{target}"
+                        before = {} if target == NOOP else formed_batches(client, name)
+                        load = measure(
+                            noop_url if target == NOOP else url, name, c, args.window, tool
+                        )
+                        formed = (
+                            {} if target == NOOP else delta(formed_batches(client, name), before)
+                        )
+                        rows.append(
+                            dict(
+                                repeat=repeat,
+                                concurrency=c,
+                                target=target,
+                                throughput=load.throughput,
+                                p50_us=load.p50_us,
+                                p99_us=load.p99_us,
+                                formed=formed,
+                            )
+                        )
+                        print(
+                            f"r{repeat} c={c:<3} {target:<12} {load.throughput:9.1f}/s "
+                            f"p50 {load.p50_us / 1000:7.2f} ms p99 {load.p99_us / 1000:7.2f} ms "
+                            f"batches {_mean_batch(formed):5.2f}",
+                            flush=True,
+                        )
+            client.close()
+        sizes = {size for r in rows for size in r["formed"]} | {1, 8, 32}
+        per_batch = ort_seconds_per_batch(model, sizes)
+    report = summarise(rows, per_batch, args.concurrency)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(
+            {"tool": tool, "rows": rows, "ort_seconds_per_batch": per_batch, "report": report},
+            indent=1,
+            default=str,
+        )
+    )
+    print(render(report, per_batch, tool, args))
+
+
+def _mean_batch(formed: dict[int, int]) -> float:
+    n = sum(formed.values())
+    return sum(size * k for size, k in formed.items()) / n if n else 1.0
+
+
+def _ort_limit(formed: dict[int, int], per_batch: dict[int, float]) -> float:
+    """Inferences per second onnxruntime reaches in process running the same batches."""
+    if not formed:
+        return 1 / per_batch[1]
+    rows = sum(size * n for size, n in formed.items())
+    seconds = sum(per_batch[size] * n for size, n in formed.items())
+    return rows / seconds
+
+
+def summarise(rows: list[dict], per_batch: dict[int, float], concs: list[int]) -> list[dict]:
+    out = []
+    for c in concs:
+        noop = statistics.median(
+            r["throughput"] for r in rows if r["concurrency"] == c and r["target"] == NOOP
+        )
+        for target in [NOOP, *VARIANTS]:
+            mine = [r for r in rows if r["concurrency"] == c and r["target"] == target]
+            throughput = statistics.median(r["throughput"] for r in mine)
+            merged: dict[int, int] = {}
+            for r in mine:
+                for size, n in r["formed"].items():
+                    merged[int(size)] = merged.get(int(size), 0) + n
+            entry = dict(
+                concurrency=c,
+                target=target,
+                throughput=throughput,
+                p50_ms=statistics.median(r["p50_us"] for r in mine) / 1000,
+                p99_ms=statistics.median(r["p99_us"] for r in mine) / 1000,
+                mean_batch=_mean_batch(merged),
+            )
+            if target != NOOP:
+                ort_limit = _ort_limit(merged, per_batch)
+                entry["ort_limit"] = ort_limit
+                entry["vs_lower_limit"] = throughput / min(ort_limit, noop)
+            out.append(entry)
+    return out
+
+
+def render(
+    report: list[dict], per_batch: dict[int, float], tool: str, args: argparse.Namespace
+) -> str:
+    lines = [
+        f"load generator: {tool}, {args.repeats} repeats x {args.window:g} s windows, medians",
+        "",
+        "| conc | server | infer/s | p50 ms | p99 ms | mean batch | ORT in-process at those "
+        "batches (infer/s) | / lower limit |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report:
+        limit = f"{e['ort_limit']:.0f}" if "ort_limit" in e else ""
+        ratio = f"{e['vs_lower_limit']:.2f}" if "vs_lower_limit" in e else ""
+        server = "do-nothing grpc.aio" if e["target"] == NOOP else f"pipeserve {e['target']}"
+        lines.append(
+            f"| {e['concurrency']} | {server} | {e['throughput']:.0f} | {e['p50_ms']:.2f} | "
+            f"{e['p99_ms']:.2f} | {e['mean_batch']:.1f} | {limit} | {ratio} |"
+        )
+    lines += ["", "onnxruntime in-process, one session, batch b: infer/s = b / time per run"]
+    for size in (1, 8, 32):
+        lines.append(
+            f"  batch {size:>2}: {size / per_batch[size]:8.0f} infer/s "
+            f"({per_batch[size] * 1000:.2f} ms per run)"
+        )
+    by = {(e["concurrency"], e["target"]): e for e in report}
+    top = max(args.concurrency)
+    low = min(args.concurrency)
+    if (top, "on") in by and (top, "off") in by:
+        lines.append(
+            f"\nbatching on / off at concurrency {top}: "
+            f"{by[top, 'on']['throughput'] / by[top, 'off']['throughput']:.2f}x"
+        )
+        best_fixed = max(by[top, t]["throughput"] for t in VARIANTS if t not in ("off", "adaptive"))
+        lines.append(
+            f"adaptive / best fixed delay throughput at concurrency {top}: "
+            f"{by[top, 'adaptive']['throughput'] / best_fixed:.2f}x"
+        )
+    if (low, "adaptive") in by:
+        lines.append(
+            f"adaptive / delay 0 p50 at concurrency {low}: "
+            f"{by[low, 'adaptive']['p50_ms'] / by[low, 'on']['p50_ms']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
