@@ -146,7 +146,7 @@ def ort_seconds_per_batch(model: Path, sizes: set[int], budget_s: float = 0.4) -
         x = np.random.default_rng(size).standard_normal((size, SIZES[0])).astype(np.float32)
         for _ in range(3):
             session.run(["y"], {"x": x})
-        times = []
+        times: list[float] = []
         end = time.monotonic() + budget_s
         while time.monotonic() < end or len(times) < 5:
             t0 = time.perf_counter()
