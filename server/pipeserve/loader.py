@@ -52,6 +52,8 @@ class LoadedVersion:
     runner: ModelRunner
     load_seconds: float
     stage_sink: StageSink
+    # Device of each pipeline stage; empty when the version runs as plain instances.
+    stage_devices: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -105,13 +107,11 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             spec = model_spec(config, version)
             sink = StageSink()
             # A model with pipeline parameters runs as stages; any other as plain instances.
-            runner: ModelRunner | None = create_pipeline_runner(
-                model_file(path), parameters, spec, on_stage=sink
-            )
-            if runner is None:
-                runner = create_instances(model_file(path), plan, name)
+            pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
+            runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
+            stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
             loaded[version] = LoadedVersion(
-                version, path, spec, runner, time.monotonic() - start, sink
+                version, path, spec, runner, time.monotonic() - start, sink, stage_devices
             )
     except BaseException:
         for v in loaded.values():

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -47,6 +47,8 @@ class ModelState(StrEnum):
 
 class ModelRecorder(InferenceObserver, Protocol):
     def stage_done(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None: ...
+
+    def bind_stages(self, stages: Iterable[tuple[int, str]]) -> object: ...
 
 
 class MetricsBinder(Protocol):
@@ -247,6 +249,7 @@ class Registry:
             recorder = self._metrics.bind_model(name, version)
             observers.append(recorder)
             lv.stage_sink.target = recorder.stage_done
+            recorder.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
         observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
         scheduler = create_scheduler(loaded.config, lv.spec, lv.runner, observer)
         return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
