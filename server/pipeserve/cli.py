@@ -16,6 +16,8 @@ from pipeserve.settings import MAX_MESSAGE_LIMIT, Settings, SettingsError, env_d
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    # Environment values stay strings: argparse converts a string default with the flag's `type`
+    # only when the flag is not given, so a bad PIPESERVE_* value fails like a bad flag (exit 2).
     env = env_defaults()
     p = sub.add_parser(
         "serve",
@@ -35,13 +37,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--grpc-port",
         type=int,
-        default=int(env.get("grpc_port", 8001)),
+        default=env.get("grpc_port", 8001),
         help="gRPC port; 0 picks a free one (default: 8001)",
     )
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=int(env.get("metrics_port", 8002)),
+        default=env.get("metrics_port", 8002),
         help="Prometheus /metrics port; 0 picks a free one (default: 8002)",
     )
     p.add_argument(
@@ -60,7 +62,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--repository-poll-secs",
         type=float,
-        default=float(env.get("repository_poll_secs", 5.0)),
+        default=env.get("repository_poll_secs", 5.0),
         help="seconds between repository scans in poll mode (default: 5)",
     )
     p.add_argument(
@@ -80,13 +82,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=int(env.get("max_message_bytes", MAX_MESSAGE_LIMIT)),
+        default=env.get("max_message_bytes", MAX_MESSAGE_LIMIT),
         help=f"largest gRPC message accepted or sent (default: {MAX_MESSAGE_LIMIT}, gRPC's limit)",
     )
     p.add_argument(
         "--exit-timeout-secs",
         type=float,
-        default=float(env.get("exit_timeout_secs", 30.0)),
+        default=env.get("exit_timeout_secs", 30.0),
         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default: 30)",
     )
     p.set_defaults(func=_serve)
@@ -97,11 +99,6 @@ def _env_flag(value: str | None) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         settings = Settings(
             model_repository=args.model_repository,
@@ -119,6 +116,12 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"pipeserve: error: {exc}", file=sys.stderr)
         return 2
+    # After validation: logging raises on an unknown level.
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     from pipeserve.app import App  # heavy imports only when serving
 
     async def main() -> None:
