@@ -67,9 +67,15 @@ class App:
             )
             self._metrics_server = metrics_server
             self.metrics_port = metrics_server.port
-        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            # grpcio raises RuntimeError when the bind fails (older releases returned 0).
+            self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {s.host}:{s.grpc_port}")
+            raise OSError(
+                f"cannot listen for gRPC on {s.host}:{s.grpc_port} (address in use or unavailable)"
+            )
         await self.server.start()
         # One parseable line: tests and scripts read the bound ports from it (port 0 = any).
         log.info(
