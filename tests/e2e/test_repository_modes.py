@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from tests import onnx_models as om
 from tests.e2e.lifecycle import (
@@ -55,6 +56,35 @@ max_batch_size: 4
 input [ { name: "not_an_input" data_type: TYPE_FP32 dims: [ 4 ] } ]
 """
 BATCH_ON_FIXED_DIMS_CONFIG = "max_batch_size: 8"
+# What a Triton user's ONNX model folder typically holds: every field spelled out, a GPU instance
+# group (served on the CPU where no GPU exists), dynamic batching settings, a version policy.
+TRITON_CONFIG = """
+name: "from_triton"
+platform: "onnxruntime_onnx"
+max_batch_size: 16
+version_policy: { latest: { num_versions: 1 } }
+input [
+  {
+    name: "x"
+    data_type: TYPE_FP32
+    format: FORMAT_NONE
+    dims: [ 4 ]
+  }
+]
+output [
+  {
+    name: "y"
+    data_type: TYPE_FP32
+    dims: [ 4 ]
+  }
+]
+instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  max_queue_delay_microseconds: 100
+}
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+"""
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +123,7 @@ def none_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         BATCH_ON_FIXED_DIMS_CONFIG,
     )
     place_model(repo, "bad_pbtxt", {1: scale(1.0)}, "max_batch_size: {{ this is not pbtxt")
+    place_model(repo, "from_triton", {1: om.scale(1.5), 2: om.scale(2.5)}, TRITON_CONFIG)
     place_model(
         repo,
         "two_instances",
@@ -111,6 +142,7 @@ def none_server(none_repo: Path) -> Iterator[ServerProcess]:
 
 READY_AT_START = (
     "plain",
+    "from_triton",
     "default_latest",
     "latest_two",
     "all_versions",
@@ -184,6 +216,16 @@ def test_default_model_filename(none_server: ServerProcess) -> None:
     assert factor_of(client, "custom_file") == 4.0
     config = client.get_model_config("custom_file").config
     assert config.default_model_filename == "net.onnx"
+
+
+def test_a_folder_copied_from_a_triton_repository_is_served(none_server: ServerProcess) -> None:
+    client = client_for(none_server)
+    assert [v for v, _, _ in index_of(client)["from_triton"]] == ["2"]
+    assert factor_of(client, "from_triton") == 2.5
+    config = client.get_model_config("from_triton").config
+    assert config.max_batch_size == 16
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert scale_infer(client, "from_triton", np.ones((16, 4), np.float32)).shape == (16, 4)
 
 
 def test_instance_group_count_two(none_server: ServerProcess) -> None:
@@ -409,16 +451,40 @@ def test_explicit_reload_of_a_changed_model_never_fails_a_request(
     assert factor_of(client, "changing") == 7.0
 
 
-def test_explicit_unload_completes_requests_in_flight(explicit_server: ServerProcess) -> None:
+def state_of(client: grpcclient.InferenceServerClient, name: str) -> str:
+    return ",".join(state for _, state, _ in index_of(client).get(name, []))
+
+
+def test_explicit_reload_and_unload_complete_requests_in_flight(
+    explicit_server: ServerProcess,
+) -> None:
     client = client_for(explicit_server)
-    client.load_model("slow")
+    # A first load of a model with big weights takes a moment: the index says LOADING meanwhile.
+    states: list[str] = []
+    loader = threading.Thread(target=client_for(explicit_server).load_model, args=("slow",))
+    loader.start()
+    while loader.is_alive():
+        states.append(state_of(client, "slow"))
+    loader.join()
+    assert "LOADING" in states, states
+    assert state_of(client, "slow") == "READY"
+
     futures = fire_slow_requests(client, "slow", 8)
     wait_for_queue(explicit_server, "slow", 3)
-    client.unload_model("slow")
+    client.load_model("slow")  # reload: the old version drains what it accepted
+    reloaded = [f.result(timeout=60) for f in futures]  # raises if any request failed
+    assert all(o.shape == (1, 4) for o in reloaded)
+
+    futures = fire_slow_requests(client, "slow", 8)
+    wait_for_queue(explicit_server, "slow", 3)
+    unloader = threading.Thread(target=client_for(explicit_server).unload_model, args=("slow",))
+    unloader.start()
+    assert wait_until(lambda: state_of(client, "slow") == "UNLOADING", timeout=20, interval=0.01)
+    unloader.join(timeout=60)
     outputs = [f.result(timeout=60) for f in futures]  # raises if any request failed
-    assert all(o.shape == (1, 4) for o in outputs)
-    assert all(np.array_equal(o, outputs[0]) for o in outputs)
+    assert all(np.array_equal(o, reloaded[0]) for o in outputs + reloaded)
     assert not client.is_model_ready("slow")
+    assert index_of(client)["slow"] == [("", "UNAVAILABLE", "unloaded")]
 
 
 # ---- mode poll: the repository is watched -----------------------------------------------------
