@@ -633,3 +633,25 @@ def test_poll_non_atomic_removal_unloads(poll_server: ServerProcess, poll_repo: 
     place_model(poll_repo, "doomed", {1: om.scale(6.0)})
     assert wait_until(lambda: client.is_model_ready("doomed"), timeout=20)
     assert factor_of(client, "doomed") == 6.0
+
+
+def test_poll_removed_version_folder_unloads_that_version_only(
+    poll_server: ServerProcess, poll_repo: Path
+) -> None:
+    client = client_for(poll_server)
+    place_model(
+        poll_repo,
+        "versions",
+        {1: om.scale(1.0), 2: om.scale(2.0)},
+        "version_policy: { all: {} }",
+    )
+    assert wait_until(lambda: client.is_model_ready("versions", "2"), timeout=20)
+    assert factor_of(client, "versions", "1") == 1.0
+    trash = poll_repo / "versions" / ".2-removed"
+    os.replace(poll_repo / "versions" / "2", trash)
+    shutil.rmtree(trash)
+    assert wait_until(lambda: not client.is_model_ready("versions", "2"), timeout=20)
+    assert [v for v, _, _ in index_of(client)["versions"]] == ["1"]
+    assert factor_of(client, "versions") == 1.0
+    err = rpc_error(scale_infer, client, "versions", version="2")
+    assert err.status() == "StatusCode.NOT_FOUND"
