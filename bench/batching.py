@@ -88,13 +88,21 @@ def mlp(path: Path) -> Path:
     return path
 
 
-def write_repository(root: Path, model: Path) -> None:
+def write_repository(root: Path, model: Path, threads: int, instances: int) -> None:
+    extra = ""
+    if threads:
+        extra += (
+            'parameters { key: "intra_op_thread_count" value: '
+            f'{{ string_value: "{threads}" }} }}\n'
+        )
+    if instances:
+        extra += f"instance_group [{{ kind: KIND_CPU count: {instances} }}]\n"
     for variant, body in VARIANTS.items():
         folder = root / f"mlp_{variant}"
         (folder / "1").mkdir(parents=True)
         os.link(model, folder / "1" / "model.onnx")  # one file on disk for every variant
         (folder / "config.pbtxt").write_text(
-            f'name: "mlp_{variant}"\nmax_batch_size: {MAX_BATCH}\n{IO}{body}\n'
+            f'name: "mlp_{variant}"\nmax_batch_size: {MAX_BATCH}\n{IO}{body}\n{extra}'
         )
 
 
@@ -135,10 +143,12 @@ def delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {size: n for size, n in out.items() if n > 0}
 
 
-def ort_seconds_per_batch(model: Path, sizes: set[int], budget_s: float = 0.4) -> dict[int, float]:
-    """Median seconds per run at each batch size, with the server's default session options."""
+def ort_seconds_per_batch(
+    model: Path, sizes: set[int], threads: int, budget_s: float = 0.4
+) -> dict[int, float]:
+    """Median seconds per run at each batch size, with the server's session options."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = available_cpus()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     out = {}
@@ -170,6 +180,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--loadgen", choices=["auto", "perf_analyzer", "aio"], default="auto")
     parser.add_argument("--json", type=Path, default=Path("bench/out/batching.json"))
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0, help="per instance (0: server default)"
+    )
+    parser.add_argument(
+        "--instances", type=int, default=0, help="instance_group count (0: config default)"
+    )
     args = parser.parse_args()
     tool = args.loadgen
     if tool == "auto":
@@ -179,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = mlp(root / "mlp.onnx")
-        write_repository(root / "repo", model)
+        write_repository(root / "repo", model, args.intra_op_threads, args.instances)
         serve = [
             sys.executable,
             "-m",
@@ -233,7 +249,8 @@ def main() -> None:
                         )
             client.close()
         sizes = {size for r in rows for size in r["formed"]} | {1, 8, 32}
-        per_batch = ort_seconds_per_batch(model, sizes)
+        threads = args.intra_op_threads or max(1, available_cpus() // max(1, args.instances))
+        per_batch = ort_seconds_per_batch(model, sizes, threads)
     report = summarise(rows, per_batch, args.concurrency)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
@@ -285,6 +302,9 @@ def summarise(rows: list[dict], per_batch: dict[int, float], concs: list[int]) -
                 ort_limit = _ort_limit(merged, per_batch)
                 entry["ort_limit"] = ort_limit
                 entry["vs_lower_limit"] = throughput / min(ort_limit, noop)
+                # If the gRPC work and the model's work could not overlap at all (one CPU budget
+                # paying both in turn): context for a machine with fewer cores than both need.
+                entry["serial_bound"] = 1 / (1 / ort_limit + 1 / noop)
             out.append(entry)
     return out
 
@@ -296,16 +316,17 @@ def render(
         f"load generator: {tool}, {args.repeats} repeats x {args.window:g} s windows, medians",
         "",
         "| conc | server | infer/s | p50 ms | p99 ms | mean batch | ORT in-process at those "
-        "batches (infer/s) | / lower limit |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "batches (infer/s) | / lower limit | serial bound (infer/s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in report:
         limit = f"{e['ort_limit']:.0f}" if "ort_limit" in e else ""
         ratio = f"{e['vs_lower_limit']:.2f}" if "vs_lower_limit" in e else ""
+        serial = f"{e['serial_bound']:.0f}" if "serial_bound" in e else ""
         server = "do-nothing grpc.aio" if e["target"] == NOOP else f"pipeserve {e['target']}"
         lines.append(
             f"| {e['concurrency']} | {server} | {e['throughput']:.0f} | {e['p50_ms']:.2f} | "
-            f"{e['p99_ms']:.2f} | {e['mean_batch']:.1f} | {limit} | {ratio} |"
+            f"{e['p99_ms']:.2f} | {e['mean_batch']:.1f} | {limit} | {ratio} | {serial} |"
         )
     lines += ["", "onnxruntime in-process, one session, batch b: infer/s = b / time per run"]
     for size in (1, 8, 32):
