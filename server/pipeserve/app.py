@@ -51,7 +51,7 @@ class App:
             ]
         )
         grpc_service.add_to_server(
-            InferenceService(self.registry, self.control, self.state), self.server
+            InferenceService(self.registry, self.control, self.state, limit), self.server
         )
         health.add_to_server(HealthService(self.state), self.server)
         self.grpc_port = 0
@@ -92,7 +92,7 @@ class App:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("pipeserve draining (up to %.0fs)", self.settings.exit_timeout_secs)
+        log.info("pipeserve draining (up to %gs)", self.settings.exit_timeout_secs)
         self.state.set_ready(False)
         await self.server.stop(grace=self.settings.exit_timeout_secs)
         await self.control.stop()

@@ -9,6 +9,7 @@
     │   └── ModelNotReadyError    model loading / unloading / failed
     ├── RequestCancelledError     client cancelled or deadline passed   -> CANCELLED
     ├── UnsupportedError          feature not implemented               -> UNIMPLEMENTED
+    ├── ResponseTooLargeError     response over the message size limit  -> RESOURCE_EXHAUSTED
     ├── ModelLoadError            a model folder could not be loaded    -> INTERNAL
     │   └── ConfigError           config.pbtxt / override is invalid    -> INVALID_ARGUMENT
     └── ExecutionError            the runtime failed on a batch         -> INTERNAL
@@ -68,6 +69,10 @@ class RequestCancelledError(PipeserveError):
 
 
 class UnsupportedError(PipeserveError):
+    pass
+
+
+class ResponseTooLargeError(PipeserveError):
     pass
 
 

@@ -64,7 +64,8 @@ class Settings:
 def env_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """PIPESERVE_GRPC_PORT=8001 -> {"grpc_port": "8001"} for every known setting."""
     environ = os.environ if environ is None else environ
-    names = set(Settings.__dataclass_fields__) | {"load_model"}
+    # Every flag of `pipeserve serve` (NO_METRICS is read by the CLI as a boolean).
+    names = (set(Settings.__dataclass_fields__) - {"metrics", "load_models"}) | {"load_model"}
     out: dict[str, str] = {}
     for name in names:
         value = environ.get("PIPESERVE_" + name.upper())

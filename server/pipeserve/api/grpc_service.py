@@ -22,6 +22,7 @@ from pipeserve.errors import (
     InvalidInputError,
     ModelNotFoundError,
     PipeserveError,
+    ResponseTooLargeError,
     UnsupportedError,
 )
 from pipeserve.inference import InferResponse
@@ -60,10 +61,17 @@ class ServerState:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: Registry, control: ModelControl, state: ServerState) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        control: ModelControl,
+        state: ServerState,
+        max_message_bytes: int,
+    ) -> None:
         self._registry = registry
         self._control = control
         self._state = state
+        self._max_message_bytes = max_message_bytes
 
     # ---- health and metadata --------------------------------------------------------------
 
@@ -140,7 +148,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             request_id=request.request_id,
             outputs=outputs,
         )
-        return encode_response(response, served.spec)
+        encoded = encode_response(response, served.spec)
+        # gRPC would refuse it too, but only after logging a traceback and without saying why.
+        size = encoded.ByteSize()
+        if size > self._max_message_bytes:
+            raise ResponseTooLargeError(
+                f"response of model '{served.name}' is {size} bytes, over the server's "
+                f"--max-message-bytes limit of {self._max_message_bytes}"
+            )
+        return encoded
 
     async def ModelStreamInfer(  # type: ignore[override]
         self,

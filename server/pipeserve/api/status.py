@@ -17,6 +17,7 @@ from pipeserve.errors import (
     ModelNotFoundError,
     PipeserveError,
     RequestCancelledError,
+    ResponseTooLargeError,
     UnavailableError,
     UnsupportedError,
 )
@@ -31,6 +32,7 @@ STATUS_CODES: tuple[tuple[type[PipeserveError], grpc.StatusCode], ...] = (
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RequestCancelledError, grpc.StatusCode.CANCELLED),
     (UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
+    (ResponseTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelLoadError, grpc.StatusCode.INTERNAL),
     (ExecutionError, grpc.StatusCode.INTERNAL),
 )
