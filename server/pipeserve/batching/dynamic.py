@@ -34,7 +34,7 @@ from pipeserve.batching.execute import execute_batch, fail
 from pipeserve.batching.forming import DelayPolicy, FixedDelay, decide
 from pipeserve.batching.ordering import OrderedRelease
 from pipeserve.batching.policy import BatchingMode, BatchingPolicy, TimeoutAction
-from pipeserve.batching.queues import Entry, PriorityQueues
+from pipeserve.batching.queues import Entry, PriorityQueues, State
 from pipeserve.errors import (
     ExecutionError,
     ModelNotReadyError,
@@ -115,7 +115,7 @@ class DynamicBatcher(Scheduler):
         self._observer.pending_changed(+1)
         pending.future.add_done_callback(functools.partial(self._on_done, entry))
         if deadline and queue_policy.timeout_action is TimeoutAction.REJECT:
-            loop.call_later(timeout_us / 1e6, self._expire)
+            loop.call_later(timeout_us / 1e6, self._expire, entry)
         if self._ordered is not None:
             return self._ordered.wrap(pending.future, loop)
         return pending.future
@@ -147,13 +147,18 @@ class DynamicBatcher(Scheduler):
                 self._observer,
             )
 
-    def _expire(self) -> None:
+    def _expire(self, timed: Entry) -> None:
+        """Loop timer for `timed`'s REJECT deadline (applies every expiry due by now)."""
+        now = time.monotonic_ns()
         with self._lock:
-            rejected = self._queues.expire(time.monotonic_ns())
+            rejected = self._queues.expire(now)
             if self._former_waiting:
                 self._cond.notify()  # a DELAY move may change what the next batch is
+            early = timed.state is State.QUEUED and timed.deadline_ns > now
         for e in rejected:
             fail(e.pending, RequestTimeoutError(), self._observer)
+        if early:  # a loop clock coarser than ours fired before the deadline: look again
+            timed.pending.loop.call_later((timed.deadline_ns - now) / 1e9, self._expire, timed)
 
     async def close(self) -> None:
         with self._lock:
