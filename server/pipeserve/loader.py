@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pipeserve.api.generated import model_config_pb2 as mc
 from pipeserve.batching.base import ModelRunner
+from pipeserve.batching.factory import batching_policy
+from pipeserve.batching.policy import BatchingPolicy
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
 from pipeserve.repository.config import (
@@ -52,6 +54,8 @@ class LoadedVersion:
     runner: ModelRunner
     load_seconds: float
     stage_sink: StageSink
+    # Dynamic batching policy; None = one request per execution (Triton's default scheduler).
+    batching: BatchingPolicy | None
     # Device of each pipeline stage; empty when the version runs as plain instances.
     stage_devices: tuple[str, ...] = ()
 
@@ -105,13 +109,14 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
                 validate_config(config, read_graph_io(path))
             start = time.monotonic()
             spec = model_spec(config, version)
+            batching = batching_policy(config, spec)  # a bad section fails before any session
             sink = StageSink()
             # A model with pipeline parameters runs as stages; any other as plain instances.
             pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
             runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
             stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
             loaded[version] = LoadedVersion(
-                version, path, spec, runner, time.monotonic() - start, sink, stage_devices
+                version, path, spec, runner, time.monotonic() - start, sink, batching, stage_devices
             )
     except BaseException:
         for v in loaded.values():

@@ -191,19 +191,24 @@ class Registry:
             start = time.monotonic()
             try:
                 loaded = await asyncio.to_thread(load_model_folder, name, folder, override)
-            except PipeserveError as exc:
+            except Exception as exc:  # whatever failed, the model must not stay LOADING
+                if isinstance(exc, PipeserveError):
+                    reason = exc.message
+                else:
+                    reason = f"unexpected error: {exc!r}"
+                    log.exception("unexpected error while loading model '%s'", name)
                 if temp_dir is not None:
                     shutil.rmtree(temp_dir, ignore_errors=True)
                 if model.versions:
                     model.state = ModelState.READY
                     log.error(
-                        "reload of model '%s' failed, old version keeps serving: %s", name, exc
+                        "reload of model '%s' failed, old version keeps serving: %s", name, reason
                     )
                 else:
                     model.state = ModelState.UNAVAILABLE
-                    model.reason = exc.message
-                    log.error("failed to load model '%s': %s", name, exc)
-                raise ModelLoadError(f"failed to load '{name}': {exc.message}") from None
+                    model.reason = reason
+                    log.error("failed to load model '%s': %s", name, reason)
+                raise ModelLoadError(f"failed to load '{name}': {reason}") from None
             seconds = time.monotonic() - start
             new_versions = {v: self._serve(name, loaded, v) for v in loaded.versions}
             old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir
@@ -251,7 +256,7 @@ class Registry:
             lv.stage_sink.target = recorder.stage_done
             recorder.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
         observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
-        scheduler = create_scheduler(loaded.config, lv.spec, lv.runner, observer)
+        scheduler = create_scheduler(lv.batching, lv.spec, lv.runner, observer)
         return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
 
     async def _retire(

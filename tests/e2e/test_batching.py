@@ -251,11 +251,6 @@ def test_adaptive_mode_serves(client: grpcclient.InferenceServerClient) -> None:
     np.testing.assert_allclose(result.as_numpy("OUTPUT0"), expected, rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.load builds schedulers outside its try: a ConfigError from "
-    "create_scheduler leaves the model LOADING; fix: validate BatchingPolicy in loader.py",
-)
 @pytest.mark.parametrize(
     ("model", "message"),
     [

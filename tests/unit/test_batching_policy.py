@@ -7,7 +7,7 @@ import pytest
 from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.direct import DirectScheduler
 from pipeserve.batching.dynamic import DynamicBatcher
-from pipeserve.batching.factory import create_scheduler
+from pipeserve.batching.factory import batching_policy, create_scheduler
 from pipeserve.batching.policy import (
     DEFAULT_MAX_QUEUE_SIZE,
     BatchingMode,
@@ -140,15 +140,16 @@ def test_factory_picks_the_scheduler_from_the_config() -> None:
     async def body() -> None:
         model = spec()
         runner: ModelRunner = GatedRunner()
-        batcher = create_scheduler(config("dynamic_batching { }"), model, runner, ModelStats())
-        direct = create_scheduler(config(""), model, runner, ModelStats())
+        with_batching = batching_policy(config("dynamic_batching { }"), model)
+        without = batching_policy(config(""), model)
+        assert without is None
+        batcher = create_scheduler(with_batching, model, runner, ModelStats())
+        direct = create_scheduler(without, model, runner, ModelStats())
         assert isinstance(batcher, DynamicBatcher)
         assert isinstance(direct, DirectScheduler)
         await batcher.close()
         await direct.close()
         with pytest.raises(ConfigError):
-            create_scheduler(
-                config("dynamic_batching { preferred_batch_size: 99 }"), model, runner, ModelStats()
-            )
+            batching_policy(config("dynamic_batching { preferred_batch_size: 99 }"), model)
 
     run(body())

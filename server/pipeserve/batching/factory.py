@@ -1,4 +1,6 @@
-"""Choose a model's scheduler from its config."""
+"""Choose a model's scheduler from its config, in two steps: the policy is read (and refused
+with ConfigError) at load, before any session exists; the scheduler is built when the version
+starts serving."""
 
 from __future__ import annotations
 
@@ -12,15 +14,18 @@ from pipeserve.inference import ModelSpec
 from pipeserve.observers import InferenceObserver
 
 
-def create_scheduler(
-    config: Any, spec: ModelSpec, runner: ModelRunner, observer: InferenceObserver
-) -> Scheduler:
-    """`config` is the completed inference.ModelConfig message of the model version.
-
-    DynamicBatcher when `dynamic_batching` is set, else DirectScheduler (Triton's default
-    scheduler). Raises ConfigError for an invalid dynamic_batching section, before any worker
-    thread starts.
-    """
+def batching_policy(config: Any, spec: ModelSpec) -> BatchingPolicy | None:
+    """The dynamic batching policy of a completed inference.ModelConfig, or None when it has no
+    `dynamic_batching` (Triton's default scheduler). Raises ConfigError for an invalid section."""
     if config.HasField("dynamic_batching"):
-        return DynamicBatcher(spec, runner, observer, BatchingPolicy.from_config(config, spec))
+        return BatchingPolicy.from_config(config, spec)
+    return None
+
+
+def create_scheduler(
+    policy: BatchingPolicy | None, spec: ModelSpec, runner: ModelRunner, observer: InferenceObserver
+) -> Scheduler:
+    """DynamicBatcher for a batching policy, else DirectScheduler. Starts the worker threads."""
+    if policy is not None:
+        return DynamicBatcher(spec, runner, observer, policy)
     return DirectScheduler(spec, runner, observer)
