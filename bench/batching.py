@@ -143,28 +143,42 @@ def delta(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {size: n for size, n in out.items() if n > 0}
 
 
-def ort_seconds_per_batch(
-    model: Path, sizes: set[int], threads: int, rounds: int = 7, runs: int = 8
-) -> dict[int, float]:
-    """Median seconds per run at each batch size, with the server's session options. Sizes are
-    interleaved round by round so that load from neighbours spreads over all of them."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    inputs = {
-        size: np.random.default_rng(size).standard_normal((size, SIZES[0])).astype(np.float32)
-        for size in sorted(sizes)
-    }
-    samples: dict[int, list[float]] = {size: [] for size in inputs}
-    for _ in range(rounds):
-        for size, x in inputs.items():
-            session.run(["y"], {"x": x})  # warm: first run of a shape allocates
-            t0 = time.perf_counter()
-            for _ in range(runs):
-                session.run(["y"], {"x": x})
-            samples[size].append((time.perf_counter() - t0) / runs)
-    return {size: statistics.median(times) for size, times in samples.items()}
+class OrtTimer:
+    """onnxruntime in process with the server's session options (one session, as one instance).
+
+    Timed right after each server measurement, at the batch sizes that measurement formed, so
+    the limit and the server see the same neighbours on a shared machine."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    def seconds_per_batch(
+        self, sizes: set[int], rounds: int = 3, runs: int = 4
+    ) -> dict[int, float]:
+        """Median seconds per run at each size; sizes interleaved round by round."""
+        inputs = {
+            size: np.random.default_rng(size).standard_normal((size, SIZES[0])).astype(np.float32)
+            for size in sorted(sizes)
+        }
+        samples: dict[int, list[float]] = {size: [] for size in inputs}
+        for _ in range(rounds):
+            for size, x in inputs.items():
+                self.session.run(["y"], {"x": x})  # warm: the first run of a shape allocates
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    self.session.run(["y"], {"x": x})
+                samples[size].append((time.perf_counter() - t0) / runs)
+        return {size: statistics.median(times) for size, times in samples.items()}
+
+    def limit(self, formed: dict[int, int]) -> float:
+        """Inferences per second onnxruntime reaches in process running the same batches."""
+        formed = formed or {1: 1}
+        per_batch = self.seconds_per_batch(set(formed))
+        rows = sum(size * n for size, n in formed.items())
+        return rows / sum(per_batch[size] * n for size, n in formed.items())
 
 
 def measure(url: str, model: str, concurrency: int, window: float, tool: str) -> Load:
@@ -216,6 +230,8 @@ def main() -> None:
             process(noop, "noop listening", r"noop listening: (\d+)") as noop_port,
         ):
             url, noop_url = f"127.0.0.1:{port}", f"127.0.0.1:{noop_port}"
+            threads = args.intra_op_threads or max(1, available_cpus() // max(1, args.instances))
+            timer = OrtTimer(model, threads)
             client = grpcclient.InferenceServerClient(url)
             targets = [NOOP, *VARIANTS]
             rows: list[dict] = []
@@ -231,6 +247,7 @@ def main() -> None:
                         formed = (
                             {} if target == NOOP else delta(formed_batches(client, name), before)
                         )
+                        ort_limit = 0.0 if target == NOOP else timer.limit(formed)
                         rows.append(
                             dict(
                                 repeat=repeat,
@@ -240,19 +257,18 @@ def main() -> None:
                                 p50_us=load.p50_us,
                                 p99_us=load.p99_us,
                                 formed=formed,
+                                ort_limit=ort_limit,
                             )
                         )
                         print(
                             f"r{repeat} c={c:<3} {target:<12} {load.throughput:9.1f}/s "
                             f"p50 {load.p50_us / 1000:7.2f} ms p99 {load.p99_us / 1000:7.2f} ms "
-                            f"batches {_mean_batch(formed):5.2f}",
+                            f"batches {_mean_batch(formed):5.2f} ORT {ort_limit:7.0f}/s",
                             flush=True,
                         )
             client.close()
-        sizes = {size for r in rows for size in r["formed"]} | {1, 8, 32}
-        threads = args.intra_op_threads or max(1, available_cpus() // max(1, args.instances))
-        per_batch = ort_seconds_per_batch(model, sizes, threads)
-    report = summarise(rows, per_batch, args.concurrency)
+            per_batch = timer.seconds_per_batch({1, 8, 32}, rounds=7, runs=8)
+    report = summarise(rows, args.concurrency)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -269,21 +285,12 @@ def _mean_batch(formed: dict[int, int]) -> float:
     return sum(size * k for size, k in formed.items()) / n if n else 1.0
 
 
-def _ort_limit(formed: dict[int, int], per_batch: dict[int, float]) -> float:
-    """Inferences per second onnxruntime reaches in process running the same batches."""
-    if not formed:
-        return 1 / per_batch[1]
-    rows = sum(size * n for size, n in formed.items())
-    seconds = sum(per_batch[size] * n for size, n in formed.items())
-    return rows / seconds
-
-
-def summarise(rows: list[dict], per_batch: dict[int, float], concs: list[int]) -> list[dict]:
+def summarise(rows: list[dict], concs: list[int]) -> list[dict]:
+    """Medians over repeats; ratios are taken per repeat (against that repeat's do-nothing
+    server and in-process timing) before the median."""
+    noop = {(r["repeat"], r["concurrency"]): r["throughput"] for r in rows if r["target"] == NOOP}
     out = []
     for c in concs:
-        noop = statistics.median(
-            r["throughput"] for r in rows if r["concurrency"] == c and r["target"] == NOOP
-        )
         for target in [NOOP, *VARIANTS]:
             mine = [r for r in rows if r["concurrency"] == c and r["target"] == target]
             throughput = statistics.median(r["throughput"] for r in mine)
@@ -300,12 +307,15 @@ def summarise(rows: list[dict], per_batch: dict[int, float], concs: list[int]) -
                 mean_batch=_mean_batch(merged),
             )
             if target != NOOP:
-                ort_limit = _ort_limit(merged, per_batch)
-                entry["ort_limit"] = ort_limit
-                entry["vs_lower_limit"] = throughput / min(ort_limit, noop)
+                entry["ort_limit"] = statistics.median(r["ort_limit"] for r in mine)
+                entry["vs_lower_limit"] = statistics.median(
+                    r["throughput"] / min(r["ort_limit"], noop[r["repeat"], c]) for r in mine
+                )
                 # If the gRPC work and the model's work could not overlap at all (one CPU budget
                 # paying both in turn): context for a machine with fewer cores than both need.
-                entry["serial_bound"] = 1 / (1 / ort_limit + 1 / noop)
+                entry["serial_bound"] = statistics.median(
+                    1 / (1 / r["ort_limit"] + 1 / noop[r["repeat"], c]) for r in mine
+                )
             out.append(entry)
     return out
 
