@@ -77,9 +77,13 @@ def test_unpacked_external_data_is_mapped_and_identical(tmp_path: Path) -> None:
     assert weights.paths == ((tmp_path / "model.onnx.data").resolve(),)
     x = sample_input()
     assert np.array_equal(session.run(None, {"x": x})[0], plain(src, x))
-    # A view on the mapping holds the initializer's bytes (no copy was made to get it).
+    # A typed, read-only view on the mapping holds the initializer (no copy was made to get it).
     w1 = weights.array("l0_w1")
-    assert w1.nbytes == 64 * 256 * 4 and not w1.flags.writeable
+    assert w1.dtype == np.float32 and w1.shape == (64, 256) and not w1.flags.writeable
+    assert not w1.flags.owndata
+    original = next(t for t in onnx.load(str(src)).graph.initializer if t.name == "l0_w1")
+    assert np.array_equal(w1, onnx.numpy_helper.to_array(original))
+    assert weights.array("half").dtype == np.float16
     del session, w1
     weights.close()
 

@@ -57,6 +57,8 @@ class ExternalRef:
     location: str  # relative to the graph file's folder
     offset: int
     length: int  # declared, or computed from dims and type when the field is absent
+    data_type: int  # ONNX element type
+    dims: tuple[int, ...]
     prepacked: tuple[Prepacked, ...] = ()
 
 
@@ -80,6 +82,11 @@ def iter_initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
 
 def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
+
+
+def is_sub_byte(data_type: int) -> bool:
+    """Types stored two elements to a byte (no numpy view of them element by element)."""
+    return data_type in _FOUR_BIT_TYPES
 
 
 @functools.cache
@@ -169,7 +176,8 @@ def external_ref(tensor: TensorProto) -> ExternalRef:
         for key, value in fields.items()
         if key.startswith("prepacked")
     )
-    return ExternalRef(tensor.name, location, offset, length, prepacked)
+    return ExternalRef(tensor.name, location, offset, length, tensor.data_type,
+                       tuple(tensor.dims), prepacked)
 
 
 def external_refs(model: onnx.ModelProto) -> list[ExternalRef]:

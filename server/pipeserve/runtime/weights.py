@@ -45,7 +45,12 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from pipeserve.errors import ModelLoadError
-from pipeserve.runtime.external_data import ExternalRef, external_refs, iter_initializers
+from pipeserve.runtime.external_data import (
+    ExternalRef,
+    external_refs,
+    is_sub_byte,
+    iter_initializers,
+)
 from pipeserve.runtime.pack_index import (
     PackIndex,
     TensorEntry,
@@ -105,21 +110,22 @@ class MappedWeights:
         return not self._maps
 
     def array(self, name: str) -> np.ndarray:
-        """A read-only view of initializer `name` on the mapping (no copy)."""
+        """A read-only view of initializer `name` on the mapping, with its dtype and shape (no
+        copy). 4-bit types come back as their packed bytes."""
         ref = self._refs.get(name)
         if ref is None:
             raise KeyError(f"no external initializer named '{name}'")
-        return self._view(ref)
+        return self._view(ref, typed=True)
 
-    def _view(self, ref: ExternalRef, dtype: np.dtype | None = None,
-              shape: Sequence[int] | None = None) -> np.ndarray:
+    def _view(self, ref: ExternalRef, *, typed: bool = False) -> np.ndarray:
+        """The bytes of `ref` on the mapping; with `typed`, as its ONNX dtype and shape."""
         if ref.length == 0:
-            return np.zeros(tuple(shape or (0,)), dtype=dtype or np.uint8)
+            return np.zeros(0, dtype=np.uint8)
         mapped = self._maps[self._resolve(ref.location)]
         flat = np.frombuffer(mapped, dtype=np.uint8, count=ref.length, offset=ref.offset)
-        if dtype is None:
+        if not typed or is_sub_byte(ref.data_type):
             return flat
-        return flat.view(dtype).reshape(tuple(shape or ()))
+        return flat.view(helper.tensor_dtype_to_np_dtype(ref.data_type)).reshape(ref.dims)
 
     def _borrow(self, session: Any) -> None:
         self._borrowers.append(weakref.ref(session))
@@ -565,11 +571,8 @@ def _create(model: onnx.ModelProto, graph_path: Path | None, folder: Path,
 def _typed_views(model: onnx.ModelProto, weights: MappedWeights
                  ) -> Iterable[tuple[TensorProto, np.ndarray]]:
     for tensor in iter_initializers(model):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        ref = weights._refs[tensor.name]  # noqa: SLF001 - same module
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        yield tensor, weights._view(ref, dtype, tensor.dims)  # noqa: SLF001
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield tensor, weights.array(tensor.name)
 
 
 def _add_host_initializers(model: onnx.ModelProto, weights: MappedWeights,
