@@ -314,7 +314,9 @@ def main() -> int:
             results["two"][v].append(_child(["two", str(work), v, dim]))
         results["throughput"].append(_child(["throughput", str(work), dim, str(args.seconds)]))
     results["api"] = _child(["api", str(work)])
-    if not args.no_cold and _drop_caches():
+    if args.no_cold:
+        results["cold"] = "skipped (--no-cold)"
+    elif _drop_caches():
         cold_variants = [("plain", "none"), ("mapped", "none"), ("mapped", "willneed"),
                          ("mapped", "read"), ("mapped-noprepack", "none"),
                          ("mapped-noprepack", "willneed"), ("mapped-noprepack", "read")]
@@ -324,7 +326,7 @@ def main() -> int:
                 results["cold"].setdefault(f"{v}/{prefetch}", []).append(
                     _child(["load", str(work), v, prefetch, dim]))
     else:
-        results["cold"] = None
+        results["cold"] = "not measured: dropping the page cache is not allowed here"
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(_report(results, args))
     return 0
@@ -381,8 +383,8 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
               "| API | READY s | copied MiB |", "|---|---:|---:|"]
     for api, r in res["api"].items():
         lines.append(f"| {api} | {r['ready_s']:.3f} | {r['anon_added_mb']:.0f} |")
-    if res["cold"] is None:
-        lines += ["", "Cold page cache: not measured (dropping caches is not allowed here)."]
+    if isinstance(res["cold"], str):
+        lines += ["", f"Cold page cache: {res['cold']}."]
     else:
         lines += ["", "Cold page cache (`echo 1 > /proc/sys/vm/drop_caches` before each run):", "",
                   "| variant/prefetch | READY s | 1st inference s | READY + 1st s |",

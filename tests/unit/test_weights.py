@@ -16,6 +16,8 @@ from onnx import TensorProto, helper
 from pipeserve.errors import ModelLoadError
 from pipeserve.runtime.pack import pack_model
 from pipeserve.runtime.pack_index import INDEX_NAME
+from pipeserve.runtime.prefetch import merged
+from pipeserve.runtime.weight_checks import ByteRange
 from pipeserve.runtime.weights import open_session, open_stage_session, select_graph
 from tests.unit.weights_models import sample_input, save_external, save_inline, transformer_like
 
@@ -312,3 +314,11 @@ def test_stage_cut_from_the_cpu_graph_keeps_its_prepacked_blobs(packed: tuple[Pa
     assert np.array_equal(session.run(None, {"x": x})[0], plain(src, x))
     del session
     weights.close()
+
+
+def test_prefetch_merges_neighbouring_ranges_per_file(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    ranges = [ByteRange(a, 200_000, 10), ByteRange(a, 0, 100), ByteRange(a, 65536 + 50, 10),
+              ByteRange(b, 0, 10), ByteRange(a, 5, 0)]
+    assert merged(ranges) == [ByteRange(a, 0, 65596), ByteRange(a, 200_000, 10),
+                              ByteRange(b, 0, 10)]

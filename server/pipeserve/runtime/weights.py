@@ -27,15 +27,10 @@ sessions are dropped (close() refuses while a session that borrows its memory is
 
 from __future__ import annotations
 
-import functools
 import logging
 import mmap
-import os
-import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,29 +46,22 @@ from pipeserve.runtime.external_data import (
     is_sub_byte,
     iter_initializers,
 )
-from pipeserve.runtime.pack_index import (
-    PackIndex,
-    TensorEntry,
-    cpu_fingerprint,
-    crc32_of,
-    read_index,
+from pipeserve.runtime.pack_index import PackIndex, cpu_fingerprint, read_index
+from pipeserve.runtime.prefetch import Prefetch, PrefetchJob, prefetch_mode
+from pipeserve.runtime.weight_checks import (
+    ByteRange,
+    byte_ranges,
+    check_against_index,
+    check_files,
+    resolver,
 )
+from pipeserve.runtime.weight_checks import verify_checksums as verify_crc32
 
 log = logging.getLogger(__name__)
 
-Prefetch = bool | Literal["none", "willneed", "read"]
 Placement = Literal["auto", "ort", "initializers", "device"]
 
-_READ_CHUNK = 8 << 20
-_READ_WORKERS = 4
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-
-
-@dataclass(frozen=True, slots=True)
-class ByteRange:
-    path: Path
-    offset: int
-    length: int
 
 
 class MappedWeights:
@@ -86,14 +74,13 @@ class MappedWeights:
                  ranges: Sequence[ByteRange]) -> None:
         self._maps = maps
         self._refs = {r.name: r for r in refs}
-        self._resolve = _resolver(folder)
+        self._resolve = resolver(folder)
         self.ranges = tuple(ranges)  # what a session reads: tensors and pre-packed blobs
         # OrtValues (and their arrays) handed to onnxruntime by add_initializer: onnxruntime
         # borrows them, so they live exactly as long as this object.
         self._borrowed: list[tuple[Any, Any]] = []
         self._borrowers: list[weakref.ref[Any]] = []
-        self._prefetch: threading.Thread | None = None
-        self._prefetch_error: BaseException | None = None
+        self._prefetch: PrefetchJob | None = None
         self.placement: str = "ort"
         self.graph_path: Path | None = None
 
@@ -137,13 +124,14 @@ class MappedWeights:
         for mapped in self._maps.values():
             mapped.madvise(mmap.MADV_DONTNEED)
 
+    def prefetch(self, mode: str) -> None:
+        """Start prefetching the ranges a session reads (see prefetch.py)."""
+        self._prefetch = PrefetchJob(mode, self._maps, self.ranges)
+        self._prefetch.start()
+
     def wait_prefetch(self) -> None:
         if self._prefetch is not None:
-            self._prefetch.join()
-            self._prefetch = None
-        if self._prefetch_error is not None:
-            error, self._prefetch_error = self._prefetch_error, None
-            log.warning("weight prefetch failed (loading went on without it): %s", error)
+            self._prefetch.wait()
 
     def close(self) -> None:
         """Unmap. Sessions that borrowed this memory must be gone first."""
@@ -215,198 +203,6 @@ def _graph_names(index: PackIndex) -> set[str]:
     if index.optimized is not None:
         names.add(index.optimized.graph)
     return names
-
-
-def _index_entries(index: PackIndex, graph_name: str | None) -> list[TensorEntry]:
-    """The entries of the graph being loaded; for a graph built in memory (a stage), both."""
-    opt = index.optimized
-    if graph_name == index.graph or opt is None:
-        return list(index.tensors)
-    if graph_name == opt.graph:
-        return list(opt.tensors)
-    return list(index.tensors) + list(opt.tensors)
-
-
-def _check_against_index(refs: Sequence[ExternalRef], index: PackIndex, folder: Path,
-                         graph_name: str | None) -> None:
-    """The graph must reference the index's weight file at the index's offsets, and the file must
-    be as long as the index says (a shorter one is truncated, a longer one is another file)."""
-    known: dict[str, list[TensorEntry]] = {}
-    for entry in _index_entries(index, graph_name):
-        known.setdefault(entry.name, []).append(entry)
-    weight_path = folder / index.weight_file
-    for ref in refs:
-        if ref.location != index.weight_file:
-            raise ModelLoadError(
-                f"initializer '{ref.name}' refers to '{ref.location}', but the index of "
-                f"'{folder}' lists only '{index.weight_file}'"
-            )
-        candidates = known.get(ref.name, [])
-        if not any(e.offset == ref.offset and e.length == ref.length for e in candidates):
-            said = ", ".join(f"offset {e.offset} length {e.length}" for e in candidates)
-            raise ModelLoadError(
-                f"initializer '{ref.name}': the graph puts it at offset {ref.offset} length "
-                f"{ref.length} of '{weight_path}', the index says "
-                f"{said or 'nothing (not listed)'}; the index does not belong to this graph"
-            )
-    try:
-        size = weight_path.stat().st_size
-    except FileNotFoundError:
-        raise ModelLoadError(
-            f"weight file '{weight_path}' is missing (needed by initializer "
-            f"'{refs[0].name}')"
-        ) from None
-    if size != index.weight_file_size:
-        short = _first_beyond(refs, size)
-        what = f"; initializer '{short.name}' lies beyond its end" if short else ""
-        raise ModelLoadError(
-            f"weight file '{weight_path}' is {size} bytes, the index says "
-            f"{index.weight_file_size}{what}"
-        )
-
-
-def _first_beyond(refs: Iterable[ExternalRef], size: int) -> ExternalRef | None:
-    return next((ref for ref in refs if _end_of(ref) > size), None)
-
-
-def _resolver(folder: Path) -> Callable[[str], Path]:
-    """location -> absolute path, resolved once per distinct location."""
-    return functools.cache(lambda location: (folder / location).resolve())
-
-
-def _check_files(refs: Sequence[ExternalRef], folder: Path) -> dict[Path, int]:
-    """Every referenced file exists and holds every referenced range. Returns the file sizes."""
-    resolve = _resolver(folder)
-    sizes: dict[Path, int] = {}
-    for ref in refs:
-        path = resolve(ref.location)
-        if path not in sizes:
-            try:
-                sizes[path] = path.stat().st_size
-            except FileNotFoundError:
-                raise ModelLoadError(
-                    f"initializer '{ref.name}': weight file '{folder / ref.location}' is missing"
-                ) from None
-        if _end_of(ref) > sizes[path]:
-            raise ModelLoadError(
-                f"initializer '{ref.name}': needs bytes up to "
-                f"{_end_of(ref)} of '{folder / ref.location}', which has only {sizes[path]} "
-                f"(truncated or wrong file)"
-            )
-    return sizes
-
-
-def _end_of(ref: ExternalRef) -> int:
-    ends = [ref.offset + ref.length]
-    ends += [b.offset + b.length for s in ref.prepacked for b in s.blobs]
-    return max(ends)
-
-
-def _ranges(refs: Sequence[ExternalRef], folder: Path) -> list[ByteRange]:
-    resolve = _resolver(folder)
-    out = []
-    for ref in refs:
-        path = resolve(ref.location)
-        out.append(ByteRange(path, ref.offset, ref.length))
-        out += [ByteRange(path, b.offset, b.length) for s in ref.prepacked for b in s.blobs]
-    return out
-
-
-def _verify_checksums(index: PackIndex, refs: Sequence[ExternalRef], weights: MappedWeights,
-                      folder: Path) -> None:
-    """Full crc32 pass over what the graph uses (slow: about a second per GB)."""
-    entries = {(e.name, e.offset): e for e in _index_entries(index, None)}
-    path = folder / index.weight_file
-    for ref in refs:
-        entry = entries[(ref.name, ref.offset)]
-        got = crc32_of(weights._view(ref).data)  # noqa: SLF001 - same module
-        if got != entry.crc32:
-            raise ModelLoadError(
-                f"initializer '{ref.name}': checksum of bytes {ref.offset}.."
-                f"{ref.offset + ref.length} of '{path}' is {got:08x}, the index says "
-                f"{entry.crc32:08x} (file corrupted)"
-            )
-
-
-# --- prefetch -----------------------------------------------------------------------------------
-
-
-def _merged(ranges: Iterable[ByteRange], gap: int = 64 << 10) -> list[ByteRange]:
-    """Sorted ranges with neighbours closer than `gap` joined (fewer, larger requests)."""
-    out: list[ByteRange] = []
-    for r in sorted(ranges, key=lambda r: (str(r.path), r.offset)):
-        if r.length == 0:
-            continue
-        last = out[-1] if out else None
-        if last is not None and last.path == r.path and r.offset <= last.offset + last.length + gap:
-            end = max(last.offset + last.length, r.offset + r.length)
-            out[-1] = ByteRange(last.path, last.offset, end - last.offset)
-        else:
-            out.append(r)
-    return out
-
-
-def _madvise_willneed(weights: MappedWeights) -> None:
-    """Ask the kernel to read the ranges ahead (asynchronous readahead; cheap on a warm cache)."""
-    page = mmap.PAGESIZE
-    for r in _merged(weights.ranges):
-        mapped = weights._maps[r.path]  # noqa: SLF001 - same module
-        start = r.offset - r.offset % page
-        mapped.madvise(mmap.MADV_WILLNEED, start, r.offset + r.length - start)
-
-
-def _parallel_read(ranges: Sequence[ByteRange], workers: int) -> None:
-    """Read the ranges with `workers` threads (pread releases the GIL), so a cold file is read at
-    the device's queue depth instead of one page fault at a time."""
-    chunks = []
-    for r in _merged(ranges):
-        for start in range(r.offset, r.offset + r.length, _READ_CHUNK):
-            chunks.append((r.path, start, min(_READ_CHUNK, r.offset + r.length - start)))
-    fds = {path: os.open(path, os.O_RDONLY) for path in {c[0] for c in chunks}}
-    local = threading.local()
-
-    def read(chunk: tuple[Path, int, int]) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(_READ_CHUNK)
-        path, start, length = chunk
-        os.preadv(fds[path], [memoryview(buf)[:length]], start)
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="weights-read") as pool:
-            list(pool.map(read, chunks))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def _start_prefetch(weights: MappedWeights, mode: str) -> None:
-    if mode == "none":
-        return
-    if mode == "willneed":
-        _madvise_willneed(weights)
-        return
-
-    def run() -> None:
-        try:
-            _parallel_read(weights.ranges, _READ_WORKERS)
-        except BaseException as exc:  # reported by wait_prefetch; loading does not depend on it
-            weights._prefetch_error = exc  # noqa: SLF001 - same module
-
-    # Runs while onnxruntime builds the session: both read the file in the same order.
-    weights._prefetch = threading.Thread(target=run, name="weights-prefetch", daemon=True)  # noqa: SLF001
-    weights._prefetch.start()  # noqa: SLF001
-
-
-def _prefetch_mode(prefetch: Prefetch) -> str:
-    if prefetch is True:
-        return "willneed"
-    if prefetch is False:
-        return "none"
-    if prefetch not in ("none", "willneed", "read"):
-        raise ValueError(f"prefetch must be True, False, 'none', 'willneed' or 'read', "
-                         f"got {prefetch!r}")
-    return prefetch
 
 
 # --- opening sessions ---------------------------------------------------------------------------
@@ -496,15 +292,15 @@ def _open(
     verify_checksums: bool,
     placement: Placement,
 ) -> tuple[ort.InferenceSession, MappedWeights | None]:
-    mode = _prefetch_mode(prefetch)
+    mode = prefetch_mode(prefetch)
     refs = external_refs(model)
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if not refs:
         return _create(model, graph_path, folder, providers, options), None
     if index is not None:
-        _check_against_index(refs, index, folder, graph_path.name if graph_path else None)
-    sizes = _check_files(refs, folder)
+        check_against_index(refs, index, folder, graph_path.name if graph_path else None)
+    sizes = check_files(refs, folder)
     weights = _map(sizes, refs, folder)
     weights.graph_path = graph_path
     try:
@@ -514,8 +310,8 @@ def _open(
                     f"cannot verify checksums of '{folder}': it has no weight index "
                     f"(run `pipeserve pack`)"
                 )
-            _verify_checksums(index, refs, weights, folder)
-        _start_prefetch(weights, mode)
+            verify_crc32(index, refs, lambda ref: weights._view(ref).data, folder)  # noqa: SLF001
+        weights.prefetch(mode)
         device = _cuda_device(providers)
         if placement == "auto":
             placement = "device" if device is not None else "ort"
@@ -552,7 +348,7 @@ def _map(sizes: dict[Path, int], refs: Sequence[ExternalRef], folder: Path) -> M
         for mapped in maps.values():
             mapped.close()
         raise ModelLoadError(f"cannot map weight file: {exc}") from None
-    return MappedWeights(maps, refs, folder, _ranges(refs, folder))
+    return MappedWeights(maps, refs, folder, byte_ranges(refs, folder))
 
 
 def _create(model: onnx.ModelProto, graph_path: Path | None, folder: Path,
