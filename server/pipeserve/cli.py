@@ -1,4 +1,4 @@
-"""argv -> Settings -> App. Subcommands: serve, health, split (and pack)."""
+"""argv -> Settings -> App. Subcommands: serve, health, split, pack."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeserve import __version__
+from pipeserve.runtime.pack import add_pack_parser
 from pipeserve.runtime.split_cli import add_split_parser
 from pipeserve.settings import MAX_MESSAGE_LIMIT, Settings, SettingsError, env_defaults
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _health_parser(sub)
     add_split_parser(sub)
+    add_pack_parser(sub)
     return parser
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeserve.errors import ConfigError, ModelLoadError
+from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
 from pipeserve.runtime.devices import available_cpus, providers_for
+from pipeserve.runtime.weights import MappedWeights, open_session, release_weights
 from pipeserve.tensors import BF16_DTYPE
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,16 @@ class InstancePlan:
 
 
 class SessionInstances:
-    def __init__(self, sessions: list[ort.InferenceSession], devices: list[str]) -> None:
+    def __init__(
+        self,
+        sessions: list[ort.InferenceSession],
+        devices: list[str],
+        weights: list[MappedWeights] | None = None,
+    ) -> None:
         self._sessions = sessions
         self.devices = tuple(devices)
+        # Mapped weight files the sessions read from: released only after the sessions.
+        self._weights = weights or []
         # onnxruntime's numpy bridge refuses bfloat16 (ml_dtypes' dtype is foreign to it): models
         # with a bfloat16 input or output run through OrtValues that carry the raw bits.
         io = [*sessions[0].get_inputs(), *sessions[0].get_outputs()] if sessions else []
@@ -59,8 +67,9 @@ class SessionInstances:
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
-        # Dropping the references frees the sessions (and with them any mapped weights).
+        # Drop the sessions first: the mappings must outlive every session that reads them.
         self._sessions.clear()
+        release_weights(self._weights)
 
 
 def _run_with_ort_values(
@@ -87,6 +96,7 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
         return np.empty(shape, dtype=BF16_DTYPE)
     # Copy the bits out: the OrtValue owns them and is freed when it goes out of scope.
     bits = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    assert BF16_DTYPE is not None  # a bfloat16 output means ml_dtypes is there (onnx needs it)
     return np.frombuffer(bits, dtype=np.uint16).copy().view(BF16_DTYPE).reshape(shape)
 
 
@@ -130,6 +140,7 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
     """Create every session (slow; call off the event loop). Raises ModelLoadError."""
     sessions: list[ort.InferenceSession] = []
     devices: list[str] = []
+    mapped: list[MappedWeights] = []
     for kind, gpu in zip(plan.kinds, plan.gpu_ids, strict=True):
         providers, device = providers_for(kind, gpu)
         options = ort.SessionOptions()
@@ -137,13 +148,20 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
         options.inter_op_num_threads = plan.inter_op_threads
         options.log_severity_level = 3
         try:
-            sessions.append(
-                ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
-            )
+            # External weights are mapped, checked against the pack index and prefetched.
+            session, weights = open_session(model_path, providers, options)
         except Exception as exc:  # onnxruntime raises its own exception types
+            sessions.clear()  # the instances made so far, before the weights they read
+            release_weights(mapped)
+            if isinstance(exc, PipeserveError):
+                raise
             raise ModelLoadError(
                 f"onnxruntime could not load model '{model_name}' from '{model_path}': {exc}"
             ) from None
+        sessions.append(session)
+        if weights is not None:
+            mapped.append(weights)
         devices.append(device)
     log.info("model '%s': %d instance(s) on %s", model_name, len(sessions), ", ".join(devices))
-    return SessionInstances(sessions, devices)
+    return SessionInstances(sessions, devices, mapped)
+

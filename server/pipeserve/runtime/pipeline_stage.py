@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pipeserve.errors import ConfigError, ModelLoadError
+from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
 from pipeserve.runtime.partition import StagePlan
 from pipeserve.runtime.pipeline_config import Device
+from pipeserve.runtime.weights import MappedWeights, open_stage_session, release_weights
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class StageRunner:
         self.inputs = plan.inputs
         self.outputs = plan.outputs
         self.binding = device.kind == "cuda" if binding is None else binding
-        self._session = _open_session(plan, device, base_dir, threads, model_name)
+        self._session, self._weights = _open_session(plan, device, base_dir, threads, model_name)
 
     def run(self, env: Mapping[str, Any]) -> tuple[dict[str, Any], int, int]:
         """Run on the values in `env`; returns (outputs by name, compute ns, transfer ns)."""
@@ -76,6 +77,10 @@ class StageRunner:
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]
+        # After the session: the mapping must outlive every session that reads it.
+        if self._weights is not None:
+            release_weights([self._weights])
+            self._weights = None
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -87,7 +92,7 @@ def to_numpy(value: Any) -> np.ndarray:
 
 def _open_session(
     plan: StagePlan, device: Device, base_dir: Path | None, threads: int, model_name: str
-) -> ort.InferenceSession:
+) -> tuple[ort.InferenceSession, MappedWeights | None]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -95,11 +100,6 @@ def _open_session(
     options.log_severity_level = 3
     # Stages share the cores: spinning intra-op threads would steal them from the other stages.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if base_dir is not None:
-        # The stage model is built in memory; its external weights live beside the original.
-        options.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", str(base_dir)
-        )
     if device.kind == "cuda":
         providers: list[Any] = [
             ("CUDAExecutionProvider", {"device_id": device.index}),
@@ -107,18 +107,29 @@ def _open_session(
         ]
     else:
         providers = ["CPUExecutionProvider"]
+    weights: MappedWeights | None = None
     try:
-        session = ort.InferenceSession(
-            plan.model.SerializeToString(), sess_options=options, providers=providers
-        )
+        if base_dir is not None:
+            # The stage model is built in memory; its external weights live beside the original
+            # and only the byte ranges this stage references are checked, mapped and prefetched.
+            session, weights = open_stage_session(plan.model, base_dir, providers, options)
+        else:
+            session = ort.InferenceSession(
+                plan.model.SerializeToString(), sess_options=options, providers=providers
+            )
+    except PipeserveError:
+        raise
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(
             f"onnxruntime could not load pipeline stage {plan.index} of model '{model_name}' "
             f"on {device}: {exc}"
         ) from None
     if device.kind == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        del session
+        if weights is not None:
+            release_weights([weights])
         raise ConfigError(
             f"pipeline stage {plan.index} of model '{model_name}' asks for {device}, but "
             f"onnxruntime cannot use CUDA here (no GPU or no CUDA libraries); use 'cpu' stages"
         )
-    return session
+    return session, weights

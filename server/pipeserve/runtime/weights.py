@@ -404,3 +404,14 @@ def _add_device_initializers(model: onnx.ModelProto, weights: MappedWeights,
         weights._borrowed.append((None, value))  # noqa: SLF001 - device memory, no host ref
         options.add_initializer(tensor.name, value)
     return True
+
+
+def release_weights(weights: list[MappedWeights]) -> None:
+    """Unmap weight files once their sessions are gone; a mapping still borrowed (a session kept
+    alive elsewhere) is left for the garbage collector rather than failing the unload."""
+    for w in weights:
+        try:
+            w.close()
+        except RuntimeError as exc:
+            log.warning("weights stay mapped until their last session is freed: %s", exc)
+    weights.clear()
