@@ -6,10 +6,9 @@ thread for slot i, so sessions need no lock.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +16,13 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
+from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
 from pipeserve.runtime.devices import available_cpus, providers_for
 from pipeserve.runtime.weights import MappedWeights, open_session, release_weights
-from pipeserve.tensors import BF16_DTYPE
 
 log = logging.getLogger(__name__)
 
-_BF16 = "tensor(bfloat16)"
-_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+Opened = tuple[ort.InferenceSession, MappedWeights | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +33,15 @@ class InstancePlan:
     gpu_ids: tuple[int, ...]  # one entry per instance (0 for CPU)
     intra_op_threads: int
     inter_op_threads: int
+    # CPU instances start without weight pre-packing and are upgraded in the background.
+    fast_start: bool = True
 
 
 class SessionInstances:
+    """Implements ModelRunner. Slot i's session is run only by the scheduler's worker for slot i;
+    `_upgrade` may swap it for a faster one at any time (a list item assignment: the worker either
+    finishes on the old session or picks up the new one)."""
+
     def __init__(
         self,
         sessions: list[ort.InferenceSession],
@@ -48,10 +52,10 @@ class SessionInstances:
         self.devices = tuple(devices)
         # Mapped weight files the sessions read from: released only after the sessions.
         self._weights = weights or []
-        # onnxruntime's numpy bridge refuses bfloat16 (ml_dtypes' dtype is foreign to it): models
-        # with a bfloat16 input or output run through OrtValues that carry the raw bits.
-        io = [*sessions[0].get_inputs(), *sessions[0].get_outputs()] if sessions else []
-        self._bf16 = any(arg.type == _BF16 for arg in io)
+        self._bf16 = bool(sessions) and uses_bf16(sessions[0])
+        self._lock = threading.Lock()
+        self._closed = False
+        self._upgrader: threading.Thread | None = None
 
     @property
     def slot_count(self) -> int:
@@ -61,43 +65,54 @@ class SessionInstances:
         self, slot: int, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
     ) -> dict[str, np.ndarray]:
         names = list(output_names)
+        session = self._sessions[slot]
         if self._bf16:
-            return _run_with_ort_values(self._sessions[slot], inputs, names)
-        results = self._sessions[slot].run(names, dict(inputs))
+            return run_with_ort_values(session, inputs, names)
+        results = session.run(names, dict(inputs))
         return dict(zip(names, results, strict=True))
 
+    def start_upgrade(self, slots: Sequence[int], open_full: Callable[[int], Opened]) -> None:
+        """Replace the sessions of `slots` with `open_full(slot)` on a background thread."""
+        if slots:
+            self._upgrader = threading.Thread(
+                target=self._upgrade,
+                args=(tuple(slots), open_full),
+                name="session-upgrade",
+                daemon=True,
+            )
+            self._upgrader.start()
+
+    def wait_upgraded(self, timeout: float | None = None) -> bool:
+        if self._upgrader is not None:
+            self._upgrader.join(timeout)
+            return not self._upgrader.is_alive()
+        return True
+
+    def _upgrade(self, slots: tuple[int, ...], open_full: Callable[[int], Opened]) -> None:
+        for slot in slots:
+            if self._closed:
+                return
+            try:
+                session, weights = open_full(slot)
+            except Exception as exc:  # the fast session keeps serving; only speed is lost
+                log.warning("instance %d stays without pre-packed weights: %s", slot, exc)
+                continue
+            with self._lock:
+                if self._closed:
+                    del session
+                    release_weights([weights] if weights is not None else [])
+                    return
+                self._sessions[slot] = session
+                if weights is not None:
+                    self._weights.append(weights)
+
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self.wait_upgraded()
         # Drop the sessions first: the mappings must outlive every session that reads them.
         self._sessions.clear()
         release_weights(self._weights)
-
-
-def _run_with_ort_values(
-    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], names: list[str]
-) -> dict[str, np.ndarray]:
-    feeds = {name: _to_ort_value(array) for name, array in inputs.items()}
-    results = session.run_with_ort_values(names, feeds)
-    return {name: _from_ort_value(value) for name, value in zip(names, results, strict=True)}
-
-
-def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
-    if array.dtype == BF16_DTYPE:
-        bits = np.ascontiguousarray(array).view(np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-
-
-def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
-    if value.data_type() != _BF16:
-        return value.numpy()
-    shape = tuple(value.shape())
-    count = math.prod(shape)
-    if count == 0:
-        return np.empty(shape, dtype=BF16_DTYPE)
-    # Copy the bits out: the OrtValue owns them and is freed when it goes out of scope.
-    bits = (ctypes.c_uint16 * count).from_address(value.data_ptr())
-    assert BF16_DTYPE is not None  # a bfloat16 output means ml_dtypes is there (onnx needs it)
-    return np.frombuffer(bits, dtype=np.uint16).copy().view(BF16_DTYPE).reshape(shape)
 
 
 def plan_instances(
@@ -120,7 +135,10 @@ def plan_instances(
     default_threads = max(1, available_cpus() // total)
     intra = _int_param(params, "intra_op_thread_count", default_threads)
     inter = _int_param(params, "inter_op_thread_count", 1)
-    return InstancePlan(tuple(kinds), tuple(gpu_ids), intra, inter)
+    fast = params.get("fast_start", "true").lower()
+    if fast not in ("true", "false"):
+        raise ConfigError(f"parameter 'fast_start' must be 'true' or 'false', got '{fast}'")
+    return InstancePlan(tuple(kinds), tuple(gpu_ids), intra, inter, fast == "true")
 
 
 def _int_param(params: Mapping[str, str], key: str, default: int) -> int:
@@ -137,31 +155,60 @@ def _int_param(params: Mapping[str, str], key: str, default: int) -> int:
 
 
 def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> SessionInstances:
-    """Create every session (slow; call off the event loop). Raises ModelLoadError."""
+    """Create every session (slow; call off the event loop). Raises ModelLoadError.
+
+    Fast start: onnxruntime's CPU load time is mostly weight pre-packing (a re-layout of every
+    MatMul weight). CPU instances of a model with weight files are therefore opened without it,
+    so the model is READY at once, and a background thread then opens each instance again with
+    pre-packing and swaps it in (docs/weights.md: what each costs). Until the swap, results may
+    differ from the pre-packed kernels' in the last bits of floating point.
+    """
     sessions: list[ort.InferenceSession] = []
     devices: list[str] = []
     mapped: list[MappedWeights] = []
-    for kind, gpu in zip(plan.kinds, plan.gpu_ids, strict=True):
+    to_upgrade: list[int] = []
+    # Only models with weight files beside the graph (external data, `pipeserve pack`) are big
+    # enough for load time to matter; inline models keep one deterministic kernel choice.
+    weight_files = any(p != model_path for p in model_path.parent.iterdir())
+    for slot, (kind, gpu) in enumerate(zip(plan.kinds, plan.gpu_ids, strict=True)):
         providers, device = providers_for(kind, gpu)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = plan.intra_op_threads
-        options.inter_op_num_threads = plan.inter_op_threads
-        options.log_severity_level = 3
+        fast = plan.fast_start and weight_files and device == "cpu"
         try:
-            # External weights are mapped, checked against the pack index and prefetched.
-            session, weights = open_session(model_path, providers, options)
-        except Exception as exc:  # onnxruntime raises its own exception types
+            session, weights = _open(model_path, providers, plan, model_name, prepack=not fast)
+        except BaseException:
             sessions.clear()  # the instances made so far, before the weights they read
             release_weights(mapped)
-            if isinstance(exc, PipeserveError):
-                raise
-            raise ModelLoadError(
-                f"onnxruntime could not load model '{model_name}' from '{model_path}': {exc}"
-            ) from None
+            raise
         sessions.append(session)
         if weights is not None:
             mapped.append(weights)
         devices.append(device)
+        if fast:
+            to_upgrade.append(slot)
     log.info("model '%s': %d instance(s) on %s", model_name, len(sessions), ", ".join(devices))
-    return SessionInstances(sessions, devices, mapped)
+    instances = SessionInstances(sessions, devices, mapped)
 
+    def open_full(slot: int) -> Opened:
+        providers, _ = providers_for(plan.kinds[slot], plan.gpu_ids[slot])
+        return _open(model_path, providers, plan, model_name, prepack=True)
+
+    instances.start_upgrade(to_upgrade, open_full)
+    return instances
+
+
+def _open(
+    model_path: Path, providers: list[object], plan: InstancePlan, model_name: str, prepack: bool
+) -> Opened:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = plan.intra_op_threads
+    options.inter_op_num_threads = plan.inter_op_threads
+    options.log_severity_level = 3
+    try:
+        # External weights are mapped, checked against the pack index and prefetched.
+        return open_session(model_path, providers, options, prepack=prepack)
+    except PipeserveError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelLoadError(
+            f"onnxruntime could not load model '{model_name}' from '{model_path}': {exc}"
+        ) from None
