@@ -85,6 +85,46 @@ def test_cap_bounds_the_wait_from_the_oldest() -> None:
     assert trained().expired(now - 5 * MS, now)
 
 
+def host_bound(overlapping: bool, busy_share: float) -> tuple[AdaptiveDelay, int]:
+    """Executions of 1 and 4 items, one per 1 ms cycle, busy `busy_share` of it on average
+    (T(1) = share/2, T(4) = 3*share/2 ms: a = share/6, c = share/3 ms); then 100 arrivals every
+    500 us, each finding others outstanding or not."""
+    d = AdaptiveDelay(max_preferred=32)
+    t = 0
+    for i in range(40):
+        t += MS
+        size = 1 + 3 * (i % 2)
+        d.record_execution(size, int(busy_share * MS * (0.5 if size == 1 else 1.5)), end_ns=t)
+    for _ in range(100):
+        t += 500 * US
+        d.record_arrival(1, t, outstanding=3 if overlapping else 0)
+    return d, t
+
+
+def test_host_bound_waits_while_arrivals_keep_coming_up_to_the_cap() -> None:
+    d, now = host_bound(overlapping=True, busy_share=0.2)
+    assert d.host_bound()
+    # The slot rule alone would send (a = 33 us, 2 per ms: a*L < 1 queued); here it waits two
+    # mean gaps past the last arrival ...
+    assert d.send_by(1, now, now) == now + 1 * MS
+    # ... but never past the cap from the oldest (one execution at 32: about 2.2 ms here).
+    cap = d.send_by(1, now - 2 * MS, now) - (now - 2 * MS)
+    assert cap == pytest.approx(0.2 / 6 * MS + 0.2 / 3 * MS * 32, rel=0.01)
+
+
+def test_a_lone_client_never_waits_even_when_slots_idle() -> None:
+    d, now = host_bound(overlapping=False, busy_share=0.2)
+    assert not d.host_bound()
+    assert d.send_by(1, now, now) == now
+
+
+def test_busy_slots_use_the_slot_rule() -> None:
+    d, now = host_bound(overlapping=True, busy_share=0.9)
+    assert not d.host_bound()
+    assert d.send_by(1, now, now) == now  # slot rule: a*L = 0.15 ms * 2 per ms < 1 queued
+    assert d.send_by(1, now, now + 10 * MS) == now + 10 * MS
+
+
 def test_forming_rules_use_the_adaptive_wait() -> None:
     d = trained()
     now = arrivals(d, 50 * US, 100)

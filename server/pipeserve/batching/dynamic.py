@@ -65,12 +65,13 @@ class DynamicBatcher(Scheduler):
         self._cond = threading.Condition(self._lock)
         self._form_lock = threading.Lock()
         self._former_waiting = False  # guarded by _lock
+        self._executing = 0  # requests taken for execution and not yet answered; under _lock
         self._closing = False  # written under _lock
         self._adaptive: AdaptiveDelay | None = None
         self._delay: DelayPolicy
         if policy.mode is BatchingMode.ADAPTIVE:
             self._adaptive = AdaptiveDelay(
-                policy.max_preferred_batch_size, policy.max_queue_delay_ns
+                policy.max_preferred_batch_size, policy.max_queue_delay_ns, runner.slot_count
             )
             self._delay = self._adaptive
         else:
@@ -109,7 +110,8 @@ class DynamicBatcher(Scheduler):
                 raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
             self._queues.push(entry)  # raises QueueFullError: nothing recorded, nothing queued
             if self._adaptive is not None:
-                self._adaptive.record_arrival(request.batch_size, now)
+                outstanding = self._queues.queued - 1 + self._executing
+                self._adaptive.record_arrival(request.batch_size, now, outstanding)
             if self._former_waiting:
                 self._cond.notify()
         self._observer.pending_changed(+1)
@@ -189,10 +191,11 @@ class DynamicBatcher(Scheduler):
                         ExecutionError(f"batch failed on model '{self._spec.name}': {exc}"),
                         self._observer,
                     )
+            ended = time.monotonic_ns()
+            with self._lock:
+                self._executing -= len(batch)
             if self._adaptive is not None:
-                self._adaptive.record_execution(
-                    sum(e.size for e in batch), time.monotonic_ns() - started
-                )
+                self._adaptive.record_execution(sum(e.size for e in batch), ended - started, ended)
 
     def _next_batch(self) -> list[Entry] | None:
         """Wait until the rules send a batch; None when draining is over. Holds _form_lock."""
@@ -213,6 +216,7 @@ class DynamicBatcher(Scheduler):
                 )
                 if decision.batch:
                     self._queues.take(decision.batch)
+                    self._executing += len(decision.batch)
                     for e in decision.batch:
                         e.pending.dequeued_ns = now
                     return decision.batch
