@@ -112,6 +112,12 @@ def test_host_bound_waits_while_arrivals_keep_coming_up_to_the_cap() -> None:
     assert cap == pytest.approx(0.2 / 6 * MS + 0.2 / 3 * MS * 32, rel=0.01)
 
 
+def test_host_bound_goes_once_everything_seen_in_flight_is_queued() -> None:
+    d, now = host_bound(overlapping=True, busy_share=0.2)  # arrivals found 3 others: peak 4
+    assert d.send_by(3, now, now) > now
+    assert d.send_by(4, now, now) == now  # a 5th would only come after these are answered
+
+
 def test_a_lone_client_never_waits_even_when_slots_idle() -> None:
     d, now = host_bound(overlapping=False, busy_share=0.2)
     assert not d.host_bound()

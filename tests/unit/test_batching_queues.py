@@ -59,6 +59,18 @@ def test_remove_only_while_queued(loop: asyncio.AbstractEventLoop) -> None:
     q.take([a])
     assert not q.remove(a)
     assert (a.state, b.state, q.queued, idents(q)) == (State.TAKEN, State.GONE, 0, [])
+    assert q.queued_items == 0
+
+
+def test_queued_items_sum_batch_dimensions(loop: asyncio.AbstractEventLoop) -> None:
+    q = PriorityQueues((QueuePolicy(10),))
+    a, b = make(loop, 1), make(loop, 2)
+    b.size = 3
+    q.push(a)
+    q.push(b)
+    assert (q.queued, q.queued_items) == (2, 4)
+    q.take([a])
+    assert (q.queued, q.queued_items) == (1, 3)
 
 
 def test_reject_expiry_returns_entries_and_frees_room(loop: asyncio.AbstractEventLoop) -> None:

@@ -19,7 +19,9 @@ Two regimes, told apart by the slots' utilisation (busy time / wall time over re
    batcher): the bottleneck is elsewhere (decoding, the network, CPU shared with the front end),
    and a waiting slot costs it nothing, while every execution does (its threads compete for the
    same cores, it pays `a` again). Then a batch waits as long as arrivals keep coming (each within
-   SILENCE mean gaps of the last), up to the cap.
+   SILENCE mean gaps of the last), up to the cap, and goes at once when it holds as many items as
+   were ever outstanding lately (a decaying peak): with a closed loop of N clients, waiting for
+   the N+1st would only idle everything until the silence is noticed.
 
 In both, nothing waits unless arrivals overlap outstanding requests or the slot rule says so: a
 single closed-loop client (its next request comes only after its answer) never waits, in either
@@ -54,6 +56,8 @@ OVERLAP = 0.5
 SILENCE = 2.0
 # Executions over which utilisation is measured.
 _UTILISATION_WINDOW = 64
+# The outstanding-items peak forgets one item per this many arrivals.
+_PEAK_DECAY = 64
 
 
 class AdaptiveDelay:
@@ -65,6 +69,7 @@ class AdaptiveDelay:
         self._mean_gap_ns = 0.0
         self._mean_items = 1.0
         self._overlap = 0.0  # share of arrivals finding other requests outstanding
+        self._peak = 0.0  # decaying peak of items outstanding, this arrival included
         self._lock = threading.Lock()
         self._by_size: dict[int, tuple[float, int]] = {}  # size -> (mean ns, samples)
         self._fit: tuple[float, float] | None = None  # (a ns, c ns per item)
@@ -74,7 +79,8 @@ class AdaptiveDelay:
     # --- observations -----------------------------------------------------------------------
 
     def record_arrival(self, items: int, now_ns: int, outstanding: int = 0) -> None:
-        """`outstanding`: requests already queued or executing when this one arrived."""
+        """`outstanding`: items already queued or executing when this one arrived."""
+        self._peak = max(self._peak - 1 / _PEAK_DECAY, float(outstanding + items))
         if self._last_arrival_ns:
             gap = now_ns - self._last_arrival_ns
             if self._mean_gap_ns:
@@ -130,7 +136,10 @@ class AdaptiveDelay:
             return now_ns
         cap_at = oldest_ns + self._cap(fit)
         if self.host_bound():
-            # Waiting is free for the bottleneck: wait while arrivals keep coming.
+            # Waiting is free for the bottleneck: wait while arrivals keep coming, unless every
+            # item lately seen in flight is already here.
+            if queued >= int(self._peak):
+                return now_ns
             return int(min(self._last_arrival_ns + SILENCE * self._mean_gap_ns, cap_at))
         a = fit[0]
         since_last = now_ns - self._last_arrival_ns

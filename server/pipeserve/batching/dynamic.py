@@ -65,7 +65,7 @@ class DynamicBatcher(Scheduler):
         self._cond = threading.Condition(self._lock)
         self._form_lock = threading.Lock()
         self._former_waiting = False  # guarded by _lock
-        self._executing = 0  # requests taken for execution and not yet answered; under _lock
+        self._executing = 0  # items taken for execution and not yet answered; under _lock
         self._closing = False  # written under _lock
         self._adaptive: AdaptiveDelay | None = None
         self._delay: DelayPolicy
@@ -110,7 +110,7 @@ class DynamicBatcher(Scheduler):
                 raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
             self._queues.push(entry)  # raises QueueFullError: nothing recorded, nothing queued
             if self._adaptive is not None:
-                outstanding = self._queues.queued - 1 + self._executing
+                outstanding = self._queues.queued_items - request.batch_size + self._executing
                 self._adaptive.record_arrival(request.batch_size, now, outstanding)
             if self._former_waiting:
                 self._cond.notify()
@@ -192,10 +192,11 @@ class DynamicBatcher(Scheduler):
                         self._observer,
                     )
             ended = time.monotonic_ns()
+            items = sum(e.size for e in batch)
             with self._lock:
-                self._executing -= len(batch)
+                self._executing -= items
             if self._adaptive is not None:
-                self._adaptive.record_execution(sum(e.size for e in batch), ended - started, ended)
+                self._adaptive.record_execution(items, ended - started, ended)
 
     def _next_batch(self) -> list[Entry] | None:
         """Wait until the rules send a batch; None when draining is over. Holds _form_lock."""
@@ -216,7 +217,7 @@ class DynamicBatcher(Scheduler):
                 )
                 if decision.batch:
                     self._queues.take(decision.batch)
-                    self._executing += len(decision.batch)
+                    self._executing += sum(e.size for e in decision.batch)
                     for e in decision.batch:
                         e.pending.dequeued_ns = now
                     return decision.batch

@@ -77,6 +77,7 @@ class PriorityQueues:
         self._deadlines: list[tuple[int, int, Entry]] = []
         self._tie = itertools.count()
         self.queued = 0  # live entries over all levels
+        self.queued_items = 0  # their batch dimensions summed
 
     def footprint(self) -> int:
         """References held, dead ones included: stays proportional to `queued`."""
@@ -94,6 +95,7 @@ class PriorityQueues:
         lv.main.append(entry)
         lv.queued += 1
         self.queued += 1
+        self.queued_items += entry.size
         if entry.deadline_ns:
             if len(self._deadlines) > 2 * self.queued + _COMPACT_SLACK:
                 self._deadlines = [d for d in self._deadlines if d[2].state is State.QUEUED]
@@ -116,6 +118,7 @@ class PriorityQueues:
         entry.state = state
         self._levels[entry.level].queued -= 1
         self.queued -= 1
+        self.queued_items -= entry.size
 
     def expire(self, now_ns: int) -> list[Entry]:
         """Apply the timeout action to every entry whose deadline has passed.
