@@ -11,6 +11,19 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10
 OPSET = 17
 
+# The inputs and outputs of add_sub() in config.pbtxt form (batching: dims without the batch).
+ADD_SUB_IO = """
+input [
+  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
+  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
+]
+"""
+ADD_SUB_CONFIG = f'name: "add_sub"\nmax_batch_size: 8\n{ADD_SUB_IO}'
+
 
 def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -11,24 +11,11 @@ from onnx import TensorProto
 from tests import onnx_models as om
 from tests.e2e.server import ServerProcess
 
-ADD_SUB_CONFIG = """
-name: "add_sub"
-max_batch_size: 8
-input [
-  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-output [
-  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-"""
-
 
 def standard_repository(root: Path) -> Path:
     """add_sub (config given, batching), add_sub_auto (no config), strings (BYTES, no batching),
     int_identity (INT32 [2,3], no batching), broken (corrupt ONNX)."""
-    om.write_model(root, "add_sub", om.add_sub(), config=ADD_SUB_CONFIG)
+    om.write_model(root, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)
     om.write_model(root, "add_sub_auto", om.add_sub())
     om.write_model(root, "strings", om.identity(TensorProto.STRING, [3], "strings"))
     om.write_model(root, "int_identity", om.identity(TensorProto.INT32, [2, 3], "ints"))

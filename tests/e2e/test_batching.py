@@ -23,16 +23,7 @@ from tests.e2e.server import ServerProcess, wait_until
 
 WAIT_FOREVER_US = 60_000_000  # a batch delay no test waits out
 
-IO = """
-input [
-  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-output [
-  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-"""
+IO = om.ADD_SUB_IO
 
 MODELS = {
     # Only a preferred size of 4 sends a batch.

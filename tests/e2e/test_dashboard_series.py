@@ -24,7 +24,6 @@ import tritonclient.grpc as grpcclient
 import yaml
 
 from tests import onnx_models as om
-from tests.e2e.conftest import ADD_SUB_CONFIG
 from tests.e2e.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +67,7 @@ def _input(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput
 def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
     """{sample name: every label name seen on it} after one inference per model."""
     repo = tmp_path_factory.mktemp("dashboard_repo")
-    om.write_model(repo, "add_sub", om.add_sub(), config=ADD_SUB_CONFIG)
+    om.write_model(repo, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)
     om.write_model(repo, "mlp_pipeline", om.mlp(), config=PIPELINE_CONFIG)
     proc = ServerProcess(repo).wait_ready()
     try:

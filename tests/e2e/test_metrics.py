@@ -21,19 +21,6 @@ from tests import onnx_models as om
 from tests.e2e.server import ServerProcess
 from tests.fixtures import graphs
 
-ADD_SUB_CONFIG = """
-name: "add_sub"
-max_batch_size: 8
-input [
-  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-output [
-  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] }
-]
-"""
-
 # One execution slot and a queue of one: while a request runs (~50-100 ms) and one waits, every
 # further request is rejected at once with "Exceeds maximum queue size".
 SLOW_CONFIG = """
@@ -97,7 +84,7 @@ def slow_model(n: int = 384, steps: int = 8) -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("metrics_repo")
-    om.write_model(repo, "add_sub", om.add_sub(), config=ADD_SUB_CONFIG)
+    om.write_model(repo, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)
     om.write_model(repo, "slow", slow_model(), config=SLOW_CONFIG)
     (repo / "mlp_pipe" / "1").mkdir(parents=True)
     shutil.copy(graphs.torch_model("mlp"), repo / "mlp_pipe" / "1" / "model.onnx")
@@ -301,7 +288,7 @@ def test_no_gpu_series_on_a_machine_without_gpu(server: ServerProcess) -> None:
 def test_metrics_off_serves_inference_without_an_endpoint(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
-    om.write_model(tmp_path, "add_sub", om.add_sub(), config=ADD_SUB_CONFIG)
+    om.write_model(tmp_path, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)
     proc = start_server(tmp_path, metrics=False)
     assert proc.metrics_port == 0
     client = grpcclient.InferenceServerClient(proc.url)

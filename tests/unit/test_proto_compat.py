@@ -18,6 +18,9 @@ from google.protobuf.descriptor_pb2 import DescriptorProto as MessageProto
 from google.protobuf.descriptor_pb2 import EnumDescriptorProto as EnumProto
 from google.protobuf.descriptor_pb2 import FieldDescriptorProto as FieldProto
 from google.protobuf.descriptor_pb2 import FileDescriptorProto as FileProto
+from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
+from tritonclient.grpc import service_pb2 as triton_service_pb2
+
 from pipeserve.api.generated import (
     POOL,
     grpc_service_pb2,
@@ -25,8 +28,6 @@ from pipeserve.api.generated import (
     health_pb2_grpc,
     model_config_pb2,
 )
-from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
-from tritonclient.grpc import service_pb2 as triton_service_pb2
 
 
 def _file_proto(file: FileDescriptor) -> FileProto:

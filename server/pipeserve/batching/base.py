@@ -10,14 +10,15 @@ resolved from workers with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from pipeserve.inference import InferRequest
+from pipeserve.inference import InferRequest, ModelSpec
 
 
 class ModelRunner(Protocol):
@@ -74,3 +75,19 @@ class Scheduler(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop accepting, finish every accepted request, stop the workers. Idempotent."""
+
+
+def start_workers(
+    spec: ModelSpec, runner: ModelRunner, work: Callable[[int], None]
+) -> list[threading.Thread]:
+    """One daemon thread per execution slot running `work(slot)`, named after the model version
+    (thread names show up in py-spy and in tracebacks)."""
+    workers = [
+        threading.Thread(
+            target=work, args=(slot,), name=f"{spec.name}-v{spec.version}-slot{slot}", daemon=True
+        )
+        for slot in range(runner.slot_count)
+    ]
+    for w in workers:
+        w.start()
+    return workers

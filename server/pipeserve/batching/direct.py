@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from pipeserve.batching.base import ModelRunner, Pending, Scheduler
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler, start_workers
 from pipeserve.batching.execute import execute_batch
 from pipeserve.errors import ModelNotReadyError, QueueFullError
 from pipeserve.inference import InferRequest, ModelSpec
@@ -33,17 +33,7 @@ class DirectScheduler(Scheduler):
         # Bounded: overload is answered at once with "Exceeds maximum queue size".
         self._queue: queue.Queue[Pending | None] = queue.Queue(maxsize=max_queue_size)
         self._closing = False
-        self._workers = [
-            threading.Thread(
-                target=self._work,
-                args=(slot,),
-                name=f"{spec.name}-v{spec.version}-slot{slot}",
-                daemon=True,
-            )
-            for slot in range(runner.slot_count)
-        ]
-        for w in self._workers:
-            w.start()
+        self._workers = start_workers(spec, runner, self._work)
 
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         if self._closing:

@@ -29,7 +29,7 @@ from collections.abc import Hashable
 import numpy as np
 
 from pipeserve.batching.adaptive import AdaptiveDelay
-from pipeserve.batching.base import ModelRunner, Pending, Scheduler
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler, start_workers
 from pipeserve.batching.execute import execute_batch, fail
 from pipeserve.batching.forming import DelayPolicy, FixedDelay, decide
 from pipeserve.batching.ordering import OrderedRelease
@@ -80,17 +80,7 @@ class DynamicBatcher(Scheduler):
         # Most models have neither optional inputs nor variable dims: then every request shares
         # one key and none is computed per request.
         self._keyed = bool(policy.equal_shape_inputs) or any(s.optional for s in spec.inputs)
-        self._workers = [
-            threading.Thread(
-                target=self._work,
-                args=(slot,),
-                name=f"{spec.name}-v{spec.version}-batch{slot}",
-                daemon=True,
-            )
-            for slot in range(runner.slot_count)
-        ]
-        for w in self._workers:
-            w.start()
+        self._workers = start_workers(spec, runner, self._work)
 
     # --- event loop side --------------------------------------------------------------------
 
