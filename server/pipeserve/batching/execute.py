@@ -18,20 +18,32 @@ from pipeserve.inference import ModelSpec
 from pipeserve.observers import ExecutionTimings, InferenceObserver
 
 
+Answer = tuple[Pending, dict[str, np.ndarray] | None, Exception | None]
+
+
 def resolve(
     pending: Pending, outputs: dict[str, np.ndarray] | None, error: Exception | None
 ) -> None:
     """Answer a pending request from any thread (exactly once; a cancelled future is left alone)."""
+    resolve_all([(pending, outputs, error)])
 
-    def _set() -> None:
+
+def resolve_all(answers: Sequence[Answer]) -> None:
+    """Answer several requests with one wake-up of the event loop (each call_soon_threadsafe is a
+    write to the loop's self-pipe; a batch of n would otherwise cost n). All of them belong to the
+    same loop: a server runs one event loop."""
+    if answers:
+        answers[0][0].loop.call_soon_threadsafe(_set_all, answers)
+
+
+def _set_all(answers: Sequence[Answer]) -> None:
+    for pending, outputs, error in answers:
         if pending.future.done():
-            return
+            continue
         if error is not None:
             pending.future.set_exception(error)
         else:
             pending.future.set_result(outputs)  # type: ignore[arg-type]
-
-    pending.loop.call_soon_threadsafe(_set)
 
 
 def fail(pending: Pending, error: PipeserveError, observer: InferenceObserver) -> None:
@@ -96,8 +108,8 @@ def execute_batch(
         observer.request_succeeded(
             request.batch_size, t3 - request.arrival_ns, p.dequeued_ns - request.arrival_ns, timings
         )
-        observer.pending_changed(-1)
-        resolve(p, result, None)
+    observer.pending_changed(-len(live))
+    resolve_all([(p, result, None) for p, result in zip(live, parts, strict=True)])
 
 
 def _gather(live: Sequence[Pending], spec: ModelSpec) -> dict[str, np.ndarray]:

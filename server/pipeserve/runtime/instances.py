@@ -131,8 +131,10 @@ def plan_instances(
             kinds.append(kind)
             gpu_ids.append(ids[i % len(ids)] if kind != "CPU" else 0)
     total = max(1, len(kinds))
-    # Split the machine's cores between instances unless the config says otherwise.
-    default_threads = max(1, available_cpus() // total)
+    # Split the cores between instances unless the config says otherwise, keeping one for gRPC
+    # and the event loop: measured on 2 cores (docs/benchmarks.md, dynamic batching), onnxruntime
+    # on both cores starves the RPC path and costs more throughput than the compute gains.
+    default_threads = max(1, (available_cpus() - 1) // total)
     intra = _int_param(params, "intra_op_thread_count", default_threads)
     inter = _int_param(params, "inter_op_thread_count", 1)
     fast = params.get("fast_start", "true").lower()
@@ -203,6 +205,9 @@ def _open(
     options.intra_op_num_threads = plan.intra_op_threads
     options.inter_op_num_threads = plan.inter_op_threads
     options.log_severity_level = 3
+    # A server shares its cores with gRPC and the event loop: onnxruntime's intra-op threads
+    # must sleep between runs rather than spin on the cores those need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         # External weights are mapped, checked against the pack index and prefetched.
         return open_session(model_path, providers, options, prepack=prepack)
