@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Load, perf_analyzer_usable, run_aio, run_perf_analyzer  # noqa: E402
 
 from pipeserve.runtime.devices import available_cpus  # noqa: E402
+from pipeserve.runtime.instances import plan_instances  # noqa: E402
 
 SIZES = (512, 2048, 2048, 512)
 MAX_BATCH = 32
@@ -234,7 +235,9 @@ def main() -> None:
             process(noop, "noop listening", r"noop listening: (\d+)") as noop_port,
         ):
             url, noop_url = f"127.0.0.1:{port}", f"127.0.0.1:{noop_port}"
-            threads = args.intra_op_threads or max(1, available_cpus() // max(1, args.instances))
+            # The server's own default when not given (runtime/instances.py decides it).
+            default = plan_instances([("CPU", max(1, args.instances), [])], {}).intra_op_threads
+            threads = args.intra_op_threads or default
             timer = OrtTimer(model, threads)
             client = grpcclient.InferenceServerClient(url)
             targets = [NOOP, *VARIANTS]
