@@ -17,7 +17,6 @@ from pipeserve.errors import ExecutionError, PipeserveError, RequestCancelledErr
 from pipeserve.inference import ModelSpec
 from pipeserve.observers import ExecutionTimings, InferenceObserver
 
-
 Answer = tuple[Pending, dict[str, np.ndarray] | None, Exception | None]
 
 
@@ -103,7 +102,7 @@ def execute_batch(
     t3 = time.monotonic_ns()
     timings = ExecutionTimings(sum(p.request.batch_size for p in live), t1 - t0, t2 - t1, t3 - t2)
     observer.execution_done(timings)
-    for p, result in zip(live, parts, strict=True):
+    for p in live:
         request = p.request
         observer.request_succeeded(
             request.batch_size, t3 - request.arrival_ns, p.dequeued_ns - request.arrival_ns, timings
