@@ -126,5 +126,5 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
 
 
 def check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith(".") or name in ("..",):
+    if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid model name '{name}'")

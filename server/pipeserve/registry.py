@@ -71,6 +71,17 @@ class ServedVersion:
     stats: ModelStats
     observer: InferenceObserver
 
+    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Validate and queue a request. Raises PipeserveError at once when it cannot be
+        accepted, recording the failure in this version's statistics. Call it in the same
+        synchronous step as the lookup that returned this version (see the module docstring)."""
+        try:
+            self.spec.validate(request)
+            return self.scheduler.submit(request)
+        except PipeserveError as exc:
+            self.observer.request_failed(exc.reason, time.monotonic_ns() - request.arrival_ns)
+            raise
+
 
 @dataclass(slots=True)
 class IndexEntry:
@@ -120,15 +131,9 @@ class Registry:
     def submit(
         self, request: InferRequest
     ) -> tuple[ServedVersion, asyncio.Future[dict[str, np.ndarray]]]:
-        """Look up, validate and queue a request. Raises PipeserveError at once when it cannot
-        be accepted (the failure is recorded in the model's statistics when the model exists)."""
+        """Look up, validate and queue a request (ServedVersion.submit)."""
         served = self.lookup(request.model_name, request.model_version)
-        try:
-            served.spec.validate(request)
-            return served, served.scheduler.submit(request)
-        except PipeserveError as exc:
-            served.observer.request_failed(exc.reason, time.monotonic_ns() - request.arrival_ns)
-            raise
+        return served, served.submit(request)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:

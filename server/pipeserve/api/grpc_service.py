@@ -137,11 +137,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request)
 
     async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        # An unknown model is reported as such even when the tensors are malformed too (Triton).
-        self._registry.lookup(msg.model_name, msg.model_version)
+        # Looked up first: an unknown model is reported as such even when the tensors are
+        # malformed too (Triton). No await before submit, so a reload cannot slip in between.
+        served = self._registry.lookup(msg.model_name, msg.model_version)
         request = decode_request(msg)
-        served, pending = self._registry.submit(request)
-        outputs = await pending
+        outputs = await served.submit(request)
         response = InferResponse(
             model_name=served.name,
             model_version=str(served.version),
