@@ -59,21 +59,38 @@ def encoder_stack(
         q, k, v = heads_out
         scores = node("Mul", [node("MatMul", [q, k], "qk"), scale], "qk_s")
         attn = node("MatMul", [node("Softmax", [scores], "sm", axis=-1), v], "av")
-        attn = node("Reshape", [node("Transpose", [attn], "av_t", perm=[0, 2, 1, 3]),
-                                merge_shape], "av_r")
-        attn = node("Add", [node("MatMul", [attn, weight(p + "wo", width, width)], "o"),
-                            weight(p + "bo", width)], "o_b")
+        attn = node(
+            "Reshape", [node("Transpose", [attn], "av_t", perm=[0, 2, 1, 3]), merge_shape], "av_r"
+        )
+        attn = node(
+            "Add",
+            [node("MatMul", [attn, weight(p + "wo", width, width)], "o"), weight(p + "bo", width)],
+            "o_b",
+        )
         x = node("Add", [x, attn], "res1")
         gamma2 = const(p + "g2", np.ones(width, np.float32))
         beta2 = const(p + "b2", np.zeros(width, np.float32))
         h = node("LayerNormalization", [x, gamma2, beta2], "ln2", axis=-1)
-        h = node("Add", [node("MatMul", [h, weight(p + "w1", width, ffn)], "fc1"),
-                         weight(p + "bf1", ffn)], "fc1_b")
-        gelu = node("Mul", [node("Mul", [h, half], "g_half"),
-                            node("Add", [node("Erf", [node("Div", [h, root2], "g_div")], "g_erf"),
-                                         one], "g_one")], "gelu")
-        h = node("Add", [node("MatMul", [gelu, weight(p + "w2", ffn, width)], "fc2"),
-                         weight(p + "bf2", width)], "fc2_b")
+        h = node(
+            "Add",
+            [node("MatMul", [h, weight(p + "w1", width, ffn)], "fc1"), weight(p + "bf1", ffn)],
+            "fc1_b",
+        )
+        gelu = node(
+            "Mul",
+            [
+                node("Mul", [h, half], "g_half"),
+                node(
+                    "Add", [node("Erf", [node("Div", [h, root2], "g_div")], "g_erf"), one], "g_one"
+                ),
+            ],
+            "gelu",
+        )
+        h = node(
+            "Add",
+            [node("MatMul", [gelu, weight(p + "w2", ffn, width)], "fc2"), weight(p + "bf2", width)],
+            "fc2_b",
+        )
         x = node("Add", [x, h], "res2")
     nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
     graph = helper.make_graph(
@@ -93,8 +110,14 @@ def save(model: onnx.ModelProto, folder: Path, external: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     if external:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location="weights.bin", size_threshold=1024)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="weights.bin",
+            size_threshold=1024,
+        )
     else:
         onnx.save(model, str(path))
     return path

@@ -96,8 +96,12 @@ def generate(path: Path, size_bytes: int, dim: int, seed: int = 0) -> int:
                 nodes.append(helper.make_node(op, inputs, [p + out], **attrs))
                 return p + out
 
-            h = node("LayerNormalization", [x, weight(p + "ln1_g", [dim], 1.0),
-                                            weight(p + "ln1_b", [dim])], "h", axis=-1)
+            h = node(
+                "LayerNormalization",
+                [x, weight(p + "ln1_g", [dim], 1.0), weight(p + "ln1_b", [dim])],
+                "h",
+                axis=-1,
+            )
             qkv = {}
             for n in "qkv":
                 proj = node("MatMul", [h, weight(p + "w" + n, [dim, dim])], n + "0")
@@ -114,8 +118,12 @@ def generate(path: Path, size_bytes: int, dim: int, seed: int = 0) -> int:
             o = node("MatMul", [c, weight(p + "wo", [dim, dim])], "o0")
             o = node("Add", [o, weight(p + "bo", [dim])], "o")
             r = node("Add", [x, o], "r1")
-            h2 = node("LayerNormalization", [r, weight(p + "ln2_g", [dim], 1.0),
-                                             weight(p + "ln2_b", [dim])], "h2", axis=-1)
+            h2 = node(
+                "LayerNormalization",
+                [r, weight(p + "ln2_g", [dim], 1.0), weight(p + "ln2_b", [dim])],
+                "h2",
+                axis=-1,
+            )
             f1 = node("MatMul", [h2, weight(p + "w1", [dim, 4 * dim])], "f0")
             f1 = node("Add", [f1, weight(p + "b1", [4 * dim])], "f1")
             f1 = node("Gelu", [f1], "f2")
@@ -124,9 +132,11 @@ def generate(path: Path, size_bytes: int, dim: int, seed: int = 0) -> int:
             x = node("Add", [r, f2], "out")
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(
-        nodes, "transformer_like",
+        nodes,
+        "transformer_like",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])], inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
@@ -163,8 +173,9 @@ class _Served:
 
     def __init__(self, work: Path) -> None:
         plan = plan_instances([("CPU", 1, [])], {})
-        self.instances: SessionInstances = create_instances(work / "packed" / "model.onnx", plan,
-                                                            "bench")
+        self.instances: SessionInstances = create_instances(
+            work / "packed" / "model.onnx", plan, "bench"
+        )
 
     def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [self.instances.run(0, feeds, ["y"])["y"]]
@@ -176,8 +187,13 @@ def _open(variant: str, work: Path, prefetch: str = "willneed") -> tuple[Any, An
     if variant == "served":
         served = _Served(work)
         return served, served.instances
-    return open_session(work / "packed" / "model.onnx", CPU, ort.SessionOptions(),
-                        prefetch=prefetch, prepack=variant != "mapped-noprepack")  # type: ignore[arg-type]
+    return open_session(
+        work / "packed" / "model.onnx",
+        CPU,
+        ort.SessionOptions(),
+        prefetch=prefetch,
+        prepack=variant != "mapped-noprepack",
+    )  # type: ignore[arg-type]
 
 
 def _input(dim: int, seq: int) -> np.ndarray:
@@ -200,9 +216,14 @@ def child_load(work: Path, variant: str, prefetch: str, dim: int) -> dict[str, f
         session.run(None, {"x": x})
     upgraded = time.perf_counter() - started
     result = {
-        "ready_s": ready, "first_s": first, "base_rss_mb": base, "peak_ready_mb": peak_ready,
-        "peak_first_mb": _peak_mb(), "anon_ready_mb": anon_ready,
-        "anon_first_mb": _status_mb("RssAnon"), "file_first_mb": _status_mb("RssFile"),
+        "ready_s": ready,
+        "first_s": first,
+        "base_rss_mb": base,
+        "peak_ready_mb": peak_ready,
+        "peak_first_mb": _peak_mb(),
+        "anon_ready_mb": anon_ready,
+        "anon_first_mb": _status_mb("RssAnon"),
+        "file_first_mb": _status_mb("RssFile"),
         "upgraded_s": upgraded if variant == "served" else ready,
     }
     del session, weights
@@ -220,8 +241,13 @@ def child_two(work: Path, variant: str, dim: int) -> dict[str, float]:
         session.run(None, {"x": x})
         held.append((session, weights))
     after = _smaps_mb()
-    return {"rss_mb": after["Rss"], "pss_mb": after["Pss"], "pss_anon_mb": after["Pss_Anon"],
-            "pss_file_mb": after["Pss_File"], "base_pss_mb": before["Pss"]}
+    return {
+        "rss_mb": after["Rss"],
+        "pss_mb": after["Pss"],
+        "pss_anon_mb": after["Pss_Anon"],
+        "pss_file_mb": after["Pss_File"],
+        "base_pss_mb": before["Pss"],
+    }
 
 
 def child_throughput(work: Path, dim: int, seconds: float) -> dict[str, dict[str, float]]:
@@ -259,9 +285,12 @@ def child_api(work: Path) -> dict[str, dict[str, float]]:
         options = ort.SessionOptions()
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.add_session_config_entry(
-            "session.model_external_initializers_file_folder_path", str(work))
-        arrays = [np.frombuffer(mapped, np.float32, r.length // 4, r.offset).reshape(dims[r.name])
-                  for r in refs]
+            "session.model_external_initializers_file_folder_path", str(work)
+        )
+        arrays = [
+            np.frombuffer(mapped, np.float32, r.length // 4, r.offset).reshape(dims[r.name])
+            for r in refs
+        ]
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         started = time.perf_counter()
         if api == "add_initializer":
@@ -271,12 +300,16 @@ def child_api(work: Path) -> dict[str, dict[str, float]]:
             options.add_external_initializers([r.name for r in refs], values)
         else:
             options.add_session_config_entry(
-                "session.use_external_initializer_file_buffers_directly", "1")
+                "session.use_external_initializer_file_buffers_directly", "1"
+            )
             options.add_external_initializers_from_files_in_memory(
-                [data.name], [memoryview(mapped)], [len(mapped)])
+                [data.name], [memoryview(mapped)], [len(mapped)]
+            )
         session = ort.InferenceSession(model.SerializeToString(), options, providers=CPU)
-        out[api] = {"ready_s": time.perf_counter() - started,
-                    "anon_added_mb": _status_mb("RssAnon") - anon}
+        out[api] = {
+            "ready_s": time.perf_counter() - started,
+            "anon_added_mb": _status_mb("RssAnon") - anon,
+        }
         del session, values, arrays, options
     return out
 
@@ -285,8 +318,9 @@ def child_api(work: Path) -> dict[str, dict[str, float]]:
 
 
 def _child(args: list[str]) -> Any:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -306,8 +340,9 @@ def _med(rows: list[dict[str, float]], key: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
@@ -331,8 +366,13 @@ def main() -> int:
     weight_bytes = int(stamp.read_text())
     weight_mb = weight_bytes / 2**20
     dim = str(args.dim)
-    results: dict[str, Any] = {"weight_mb": weight_mb, "load": {v: [] for v in VARIANTS},
-                               "two": {v: [] for v in VARIANTS}, "throughput": [], "cold": {}}
+    results: dict[str, Any] = {
+        "weight_mb": weight_mb,
+        "load": {v: [] for v in VARIANTS},
+        "two": {v: [] for v in VARIANTS},
+        "throughput": [],
+        "cold": {},
+    }
     for r in range(args.repeats):
         shift = r % len(VARIANTS)
         order = VARIANTS[shift:] + VARIANTS[:shift]  # rotate: drift hits every variant
@@ -345,14 +385,21 @@ def main() -> int:
     if args.no_cold:
         results["cold"] = "skipped (--no-cold)"
     elif _drop_caches():
-        cold_variants = [("plain", "none"), ("mapped", "none"), ("mapped", "willneed"),
-                         ("mapped", "read"), ("mapped-noprepack", "none"),
-                         ("mapped-noprepack", "willneed"), ("mapped-noprepack", "read")]
+        cold_variants = [
+            ("plain", "none"),
+            ("mapped", "none"),
+            ("mapped", "willneed"),
+            ("mapped", "read"),
+            ("mapped-noprepack", "none"),
+            ("mapped-noprepack", "willneed"),
+            ("mapped-noprepack", "read"),
+        ]
         for _ in range(args.repeats):
             for v, prefetch in cold_variants:
                 _drop_caches()
                 results["cold"].setdefault(f"{v}/{prefetch}", []).append(
-                    _child(["load", str(work), v, prefetch, dim]))
+                    _child(["load", str(work), v, prefetch, dim])
+                )
     else:
         results["cold"] = "not measured: dropping the page cache is not allowed here"
     (work / "results.json").write_text(json.dumps(results, indent=1))
@@ -395,10 +442,14 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {_med(load[v], 'anon_first_mb'):.0f} | {_med(load[v], 'first_s'):.3f} "
             f"| {_med(two[v], 'pss_mb'):.0f} | {_med(two[v], 'pss_mb') / w:.2f}x |"
         )
-    lines += ["", "Steady state (latency per run, interleaved; throughput vs plain):", "",
-              "| seq | plain ms | mapped ms | mapped / plain thr. | noprepack ms "
-              "| noprepack / plain | served ms | served / plain |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Steady state (latency per run, interleaved; throughput vs plain):",
+        "",
+        "| seq | plain ms | mapped ms | mapped / plain thr. | noprepack ms "
+        "| noprepack / plain | served ms | served / plain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for seq in ("16", "128"):
         rows = [t[seq] for t in res["throughput"]]
         p = statistics.median(r["plain"] for r in rows)
@@ -406,22 +457,35 @@ def _report(res: dict[str, Any], args: argparse.Namespace) -> str:
         n = statistics.median(r["mapped-noprepack"] for r in rows)
         srv = statistics.median(r["served"] for r in rows)
         per_run = ", ".join(f"{r['plain'] / r['mapped']:.2f}" for r in rows)
-        lines.append(f"| {seq} | {p * 1e3:.1f} | {m * 1e3:.1f} | {p / m:.2f}x ({per_run}) "
-                     f"| {n * 1e3:.1f} | {p / n:.2f}x | {srv * 1e3:.1f} | {p / srv:.2f}x |")
-    lines += ["", "OrtValues over a mapping (pre-packing off): anonymous memory added", "",
-              "| API | READY s | copied MiB |", "|---|---:|---:|"]
+        lines.append(
+            f"| {seq} | {p * 1e3:.1f} | {m * 1e3:.1f} | {p / m:.2f}x ({per_run}) "
+            f"| {n * 1e3:.1f} | {p / n:.2f}x | {srv * 1e3:.1f} | {p / srv:.2f}x |"
+        )
+    lines += [
+        "",
+        "OrtValues over a mapping (pre-packing off): anonymous memory added",
+        "",
+        "| API | READY s | copied MiB |",
+        "|---|---:|---:|",
+    ]
     for api, r in res["api"].items():
         lines.append(f"| {api} | {r['ready_s']:.3f} | {r['anon_added_mb']:.0f} |")
     if isinstance(res["cold"], str):
         lines += ["", f"Cold page cache: {res['cold']}."]
     else:
-        lines += ["", "Cold page cache (`echo 1 > /proc/sys/vm/drop_caches` before each run):", "",
-                  "| variant/prefetch | READY s | 1st inference s | READY + 1st s |",
-                  "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Cold page cache (`echo 1 > /proc/sys/vm/drop_caches` before each run):",
+            "",
+            "| variant/prefetch | READY s | 1st inference s | READY + 1st s |",
+            "|---|---:|---:|---:|",
+        ]
         for key, rows in res["cold"].items():
             ready, first = _med(rows, "ready_s"), _med(rows, "first_s")
-            lines.append(f"| {key} | {ready:.3f} | {first:.3f} | "
-                         f"{statistics.median(r['ready_s'] + r['first_s'] for r in rows):.3f} |")
+            lines.append(
+                f"| {key} | {ready:.3f} | {first:.3f} | "
+                f"{statistics.median(r['ready_s'] + r['first_s'] for r in rows):.3f} |"
+            )
     return "\n".join(lines)
 
 

@@ -85,14 +85,18 @@ def throughput_rows(path: Path, batches: list[int], seq: int, seconds: float) ->
             runner.run(0, {"x": x}, ["y"])
             single = closed_loop(lambda i, x=x: session.run(["y"], {"x": x}), 1, seconds)
             # Data parallelism, what instance_group count 2 gives: 2 sessions x 1 thread.
-            replicated = closed_loop(
-                lambda i, x=x: instances[i].run(["y"], {"x": x}), 2, seconds
-            )
+            replicated = closed_loop(lambda i, x=x: instances[i].run(["y"], {"x": x}), 2, seconds)
             piped = closed_loop(
                 lambda i, x=x: runner.run(i, {"x": x}, ["y"]), runner.slot_count, seconds
             )
-            rows.append({"batch": batch, "single": single * batch, "pipeline": piped * batch,
-                         "instances": replicated * batch})
+            rows.append(
+                {
+                    "batch": batch,
+                    "single": single * batch,
+                    "pipeline": piped * batch,
+                    "instances": replicated * batch,
+                }
+            )
     finally:
         runner.close()
     return rows
@@ -115,11 +119,18 @@ def bubble_rows(path: Path, batch: int, seq: int, seconds: float) -> list[dict]:
         finally:
             runner.close()
         m = -(-batch // micro)
-        rows.append({"micro": micro, "m": m, "measured": stats.bubble_fraction,
-                     "theory": (2 - 1) / (m + 2 - 1),
-                     "split": [round(s.compute_ns / max(1, sum(t.compute_ns for t in
-                                                               stats.stages)), 2)
-                               for s in stats.stages]})
+        rows.append(
+            {
+                "micro": micro,
+                "m": m,
+                "measured": stats.bubble_fraction,
+                "theory": (2 - 1) / (m + 2 - 1),
+                "split": [
+                    round(s.compute_ns / max(1, sum(t.compute_ns for t in stats.stages)), 2)
+                    for s in stats.stages
+                ],
+            }
+        )
     return rows
 
 
@@ -136,10 +147,14 @@ def main() -> None:
         path = save(encoder_stack(layers=args.layers), Path(tmp) / "encoder")
         runs = [throughput_rows(path, batches, args.seq, args.seconds) for _ in range(args.repeat)]
         bubbles = [bubble_rows(path, 8, args.seq, args.seconds) for _ in range(args.repeat)]
-    print(f"encoder stack: {args.layers} layers, width 256, 4 heads, ffn 1024, seq {args.seq}; "
-          f"{args.repeat} run(s), medians\n")
-    print("| batch | 1 session x 2 threads | 2 stages x 1 thread | pipeline / session "
-          "| 2 sessions x 1 thread | pipeline / 2 sessions |")
+    print(
+        f"encoder stack: {args.layers} layers, width 256, 4 heads, ffn 1024, seq {args.seq}; "
+        f"{args.repeat} run(s), medians\n"
+    )
+    print(
+        "| batch | 1 session x 2 threads | 2 stages x 1 thread | pipeline / session "
+        "| 2 sessions x 1 thread | pipeline / 2 sessions |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for i, batch in enumerate(batches):
         single = statistics.median(r[i]["single"] for r in runs)
@@ -147,17 +162,21 @@ def main() -> None:
         replicated = statistics.median(r[i]["instances"] for r in runs)
         ratios = [r[i]["pipeline"] / r[i]["single"] for r in runs]
         versus = [r[i]["pipeline"] / r[i]["instances"] for r in runs]
-        print(f"| {batch} | {single:.1f} | {piped:.1f} | {statistics.median(ratios):.2f}x "
-              f"({', '.join(f'{x:.2f}' for x in ratios)}) | {replicated:.1f} | "
-              f"{statistics.median(versus):.2f}x ({', '.join(f'{x:.2f}' for x in versus)}) |")
+        print(
+            f"| {batch} | {single:.1f} | {piped:.1f} | {statistics.median(ratios):.2f}x "
+            f"({', '.join(f'{x:.2f}' for x in ratios)}) | {replicated:.1f} | "
+            f"{statistics.median(versus):.2f}x ({', '.join(f'{x:.2f}' for x in versus)}) |"
+        )
     print("\n(rows/s; ratios: median, then each run's)")
     print("\nbubble fraction, 2 stages, batch 8, one batch in flight:\n")
     print("| micro-batch | m | measured | theory (p-1)/(m+p-1) | stage compute split |")
     print("|---:|---:|---:|---:|---|")
     for i, row in enumerate(bubbles[0]):
         measured = statistics.median(b[i]["measured"] for b in bubbles)
-        print(f"| {row['micro']} | {row['m']} | {measured:.2f} | {row['theory']:.2f} | "
-              f"{row['split']} |")
+        print(
+            f"| {row['micro']} | {row['m']} | {measured:.2f} | {row['theory']:.2f} | "
+            f"{row['split']} |"
+        )
 
 
 if __name__ == "__main__":

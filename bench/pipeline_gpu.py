@@ -71,8 +71,11 @@ def wide_mlp(folder: Path, width: int, layers: int) -> Path:
             out.write(block.tobytes())  # the same values each layer: the size is what matters
             tensor = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[width, width])
             tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", "weights.bin"), ("offset", str(offset)),
-                               ("length", str(block.nbytes))):
+            for key, value in (
+                ("location", "weights.bin"),
+                ("offset", str(offset)),
+                ("length", str(block.nbytes)),
+            ):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
             inits.append(tensor)
@@ -81,9 +84,11 @@ def wide_mlp(folder: Path, width: int, layers: int) -> Path:
             nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"relu{i}"))
     nodes[-1].output[0] = "y"
     graph = helper.make_graph(
-        nodes, "wide_mlp",
+        nodes,
+        "wide_mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
@@ -93,9 +98,7 @@ def wide_mlp(folder: Path, width: int, layers: int) -> Path:
 
 
 def one_gpu(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(
-        str(path), providers=[("CUDAExecutionProvider", {"device_id": 0})]
-    )
+    return ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", {"device_id": 0})])
 
 
 def pipeline(path: Path, devices: list[str], width: int):  # type: ignore[no-untyped-def]
@@ -134,8 +137,10 @@ def main() -> int:
     args = parser.parse_args()
     free = cuda_devices()
     if not free:
-        print("pipeline_gpu: no usable CUDA device here (onnxruntime providers: "
-              f"{ort.get_available_providers()}); nothing measured. Run this on a GPU machine.")
+        print(
+            "pipeline_gpu: no usable CUDA device here (onnxruntime providers: "
+            f"{ort.get_available_providers()}); nothing measured. Run this on a GPU machine."
+        )
         return 0
     gpus = len(free)
     print(f"{gpus} GPU(s), free memory GiB: {[round(f / 2**30, 1) for f in free]}")
@@ -158,8 +163,10 @@ def main() -> int:
             session.run(["y"], {"x": xb})
             runner.run(0, {"x": xb}, ["y"])
             s = rate(lambda xb=xb: session.run(["y"], {"x": xb}), 1, args.seconds) * batch
-            p = rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count,
-                     args.seconds) * batch
+            p = (
+                rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count, args.seconds)
+                * batch
+            )
             print(f"| {batch} | {s:.0f} | {p:.0f} | {p / s:.2f}x |")
         runner.close()
         if gpus < 2:
@@ -186,8 +193,10 @@ def main() -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             xb = np.random.default_rng(batch).standard_normal((batch, width)).astype(np.float32)
             runner.run(0, {"x": xb}, ["y"])
-            r = rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count,
-                     args.seconds) * batch
+            r = (
+                rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count, args.seconds)
+                * batch
+            )
             print(f"{gpus}-GPU pipeline, batch {batch}: {r:.0f} rows/s")
         runner.close()
     return 0

@@ -176,8 +176,9 @@ def external_ref(tensor: TensorProto) -> ExternalRef:
         for key, value in fields.items()
         if key.startswith("prepacked")
     )
-    return ExternalRef(tensor.name, location, offset, length, tensor.data_type,
-                       tuple(tensor.dims), prepacked)
+    return ExternalRef(
+        tensor.name, location, offset, length, tensor.data_type, tuple(tensor.dims), prepacked
+    )
 
 
 def external_refs(model: onnx.ModelProto) -> list[ExternalRef]:
@@ -193,8 +194,15 @@ def set_external(
     prepacked: tuple[Prepacked, ...] = (),
 ) -> None:
     """Point `tensor` at `location`/`offset`/`length`, dropping any inline data."""
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                  "uint64_data", "string_data"):
+    for field in (
+        "raw_data",
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+    ):
         tensor.ClearField(field)
     del tensor.external_data[:]
     tensor.data_location = TensorProto.EXTERNAL

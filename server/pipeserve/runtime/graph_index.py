@@ -21,11 +21,47 @@ from pipeserve.runtime.cost import real_inputs
 # Ops that are cheap when they only touch shape arithmetic, scalars or graph inputs.
 RECOMPUTABLE_OPS = frozenset(
     {
-        "Shape", "Size", "Constant", "ConstantOfShape", "Identity", "Gather", "Unsqueeze",
-        "Squeeze", "Concat", "Slice", "Cast", "CastLike", "Reshape", "Range", "Equal", "Less",
-        "LessOrEqual", "Greater", "GreaterOrEqual", "Where", "Not", "And", "Or", "Add", "Sub",
-        "Mul", "Div", "Neg", "Expand", "Min", "Max", "Floor", "Ceil", "Sqrt", "Abs", "Mod",
-        "Tile", "Trilu", "ReduceProd", "Pow", "Transpose",
+        "Shape",
+        "Size",
+        "Constant",
+        "ConstantOfShape",
+        "Identity",
+        "Gather",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "Cast",
+        "CastLike",
+        "Reshape",
+        "Range",
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "Where",
+        "Not",
+        "And",
+        "Or",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Expand",
+        "Min",
+        "Max",
+        "Floor",
+        "Ceil",
+        "Sqrt",
+        "Abs",
+        "Mod",
+        "Tile",
+        "Trilu",
+        "ReduceProd",
+        "Pow",
+        "Transpose",
     }
 )
 # These read only the shape of their input, so that input may be any tensor.
@@ -54,9 +90,7 @@ class GraphIndex:
         self.sparse_initializers: dict[str, onnx.SparseTensorProto] = {
             s.values.name: s for s in graph.sparse_initializer
         }
-        self.graph_inputs: dict[str, onnx.ValueInfoProto] = {
-            v.name: v for v in real_inputs(graph)
-        }
+        self.graph_inputs: dict[str, onnx.ValueInfoProto] = {v.name: v for v in real_inputs(graph)}
         self.graph_outputs: tuple[str, ...] = tuple(v.name for v in graph.output)
         self.producer: dict[str, int] = {}
         order = _topological_order(graph)
@@ -95,8 +129,10 @@ class GraphIndex:
     ) -> bool:
         if node.domain not in ("", "ai.onnx") or node.op_type not in RECOMPUTABLE_OPS:
             return False
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute):
+        if any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+            for a in node.attribute
+        ):
             return False
         if node.op_type in SHAPE_READERS:
             return True

@@ -173,8 +173,12 @@ class _WeightWriter:
 
 def _entry(tensor: TensorProto, offset: int, length: int, crc: int) -> TensorEntry:
     return TensorEntry(
-        tensor.name, offset, length, TensorProto.DataType.Name(tensor.data_type),
-        tuple(int(d) for d in tensor.dims), crc,
+        tensor.name,
+        offset,
+        length,
+        TensorProto.DataType.Name(tensor.data_type),
+        tuple(int(d) for d in tensor.dims),
+        crc,
     )
 
 
@@ -360,7 +364,10 @@ def pack_model(
 
 
 def _add_optimized(
-    staging: Path, entries: list[TensorEntry], alignment: int, inline_below: int,
+    staging: Path,
+    entries: list[TensorEntry],
+    alignment: int,
+    inline_below: int,
     stack: ExitStack,
 ) -> OptimizedGraph:
     ort_dir = staging / "ort"
@@ -374,16 +381,20 @@ def _add_optimized(
             writer = _WeightWriter(f, alignment, start=os.fstat(f.fileno()).st_size)
             if portable is not None:
                 for e in entries:
-                    writer.remember(e.offset, memoryview(portable)[e.offset:e.offset + e.length],
-                                    e.crc32)
+                    writer.remember(
+                        e.offset, memoryview(portable)[e.offset : e.offset + e.length], e.crc32
+                    )
             model, tensors, blobs = _relayout_optimized(ort_graph, writer, inner)
             writer.forget()
             f.truncate(max(writer.end, os.fstat(f.fileno()).st_size))
     onnx.save_model(model, str(staging / OPTIMIZED_GRAPH_NAME))
     shutil.rmtree(ort_dir)
     return OptimizedGraph(
-        graph=OPTIMIZED_GRAPH_NAME, level="all", fingerprint=cpu_fingerprint(),
-        tensors=tuple(tensors), blobs=tuple(blobs),
+        graph=OPTIMIZED_GRAPH_NAME,
+        level="all",
+        fingerprint=cpu_fingerprint(),
+        tensors=tuple(tensors),
+        blobs=tuple(blobs),
     )
 
 
@@ -401,16 +412,21 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("model", type=Path, help="source .onnx file (inline or external weights)")
     p.add_argument("out_dir", type=Path, help="folder to write model.onnx, weights.bin, index")
     p.add_argument(
-        "--no-optimize", action="store_true",
+        "--no-optimize",
+        action="store_true",
         help="skip the onnxruntime CPU graph with pre-packed weights (model.cpu.onnx); "
         "weights.bin then holds one copy of the weights instead of about two",
     )
     p.add_argument(
-        "--alignment", type=int, default=DEFAULT_ALIGNMENT,
+        "--alignment",
+        type=int,
+        default=DEFAULT_ALIGNMENT,
         help=f"byte alignment of every tensor in weights.bin (default: {DEFAULT_ALIGNMENT})",
     )
     p.add_argument(
-        "--inline-below", type=int, default=DEFAULT_INLINE_BELOW,
+        "--inline-below",
+        type=int,
+        default=DEFAULT_INLINE_BELOW,
         help=f"initializers smaller than this stay in the graph (default: {DEFAULT_INLINE_BELOW})",
     )
     p.set_defaults(func=run_pack)
@@ -419,8 +435,11 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 def run_pack(args: argparse.Namespace) -> int:
     try:
         report = pack_model(
-            args.model, args.out_dir, optimize=not args.no_optimize,
-            alignment=args.alignment, inline_below=args.inline_below,
+            args.model,
+            args.out_dir,
+            optimize=not args.no_optimize,
+            alignment=args.alignment,
+            inline_below=args.inline_below,
         )
     except PipeserveError as exc:
         print(f"pipeserve pack: error: {exc}", file=sys.stderr)

@@ -108,8 +108,12 @@ def crc32_of(view: memoryview) -> int:
 
 def _tensor(raw: dict[str, Any]) -> TensorEntry:
     return TensorEntry(
-        str(raw["name"]), int(raw["offset"]), int(raw["length"]), str(raw["dtype"]),
-        tuple(int(d) for d in raw["shape"]), int(raw["crc32"]),
+        str(raw["name"]),
+        int(raw["offset"]),
+        int(raw["length"]),
+        str(raw["dtype"]),
+        tuple(int(d) for d in raw["shape"]),
+        int(raw["crc32"]),
     )
 
 
@@ -134,11 +138,14 @@ def read_index(folder: Path) -> PackIndex | None:
         optimized = None
         if opt is not None:
             optimized = OptimizedGraph(
-                str(opt["graph"]), str(opt["level"]),
+                str(opt["graph"]),
+                str(opt["level"]),
                 {str(k): str(v) for k, v in opt["fingerprint"].items()},
                 tuple(_tensor(t) for t in opt["tensors"]),
-                tuple(BlobEntry(str(b["tensor"]), int(b["offset"]), int(b["length"]),
-                                int(b["crc32"])) for b in opt["blobs"]),
+                tuple(
+                    BlobEntry(str(b["tensor"]), int(b["offset"]), int(b["length"]), int(b["crc32"]))
+                    for b in opt["blobs"]
+                ),
             )
         return PackIndex(
             weight_file=str(raw["weight_file"]),

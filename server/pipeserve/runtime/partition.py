@@ -94,8 +94,13 @@ def partition_model(
     """Load `path` without weights and split it into `stages` stages (or at the named `cuts`)."""
     model = load_graph(path)
     return partition(
-        model, stages, cuts=cuts, cost=cost, base_dir=path.parent,
-        batch_hint=batch_hint, dim_hint=dim_hint,
+        model,
+        stages,
+        cuts=cuts,
+        cost=cost,
+        base_dir=path.parent,
+        batch_hint=batch_hint,
+        dim_hint=dim_hint,
     )
 
 
@@ -351,10 +356,16 @@ def _build_plan(
     stage_plans = []
     for stage, held_sets in enumerate(sets):
         stage_model = _stage_model(model, index, stage, held_sets, value_info)
-        compute_names = tuple(index.nodes[i].name for i in index.order
-                              if i in held_sets.nodes and not index.nodes[i].recomputable)
-        recomputed = tuple(index.nodes[i].name for i in index.order
-                           if i in held_sets.nodes and index.nodes[i].recomputable)
+        compute_names = tuple(
+            index.nodes[i].name
+            for i in index.order
+            if i in held_sets.nodes and not index.nodes[i].recomputable
+        )
+        recomputed = tuple(
+            index.nodes[i].name
+            for i in index.order
+            if i in held_sets.nodes and index.nodes[i].recomputable
+        )
         stage_plans.append(
             StagePlan(
                 index=stage,
@@ -364,8 +375,11 @@ def _build_plan(
                 outputs=tuple(o.name for o in stage_model.graph.output),
                 initializers=tuple(sorted(held_sets.initializers)),
                 weight_bytes=sum(_initializer_bytes(index, n) for n in held_sets.initializers),
-                est_cost=sum(float(node_costs.get(i, 0.0)) for i in held_sets.nodes
-                             if not index.nodes[i].recomputable),
+                est_cost=sum(
+                    float(node_costs.get(i, 0.0))
+                    for i in held_sets.nodes
+                    if not index.nodes[i].recomputable
+                ),
                 model=stage_model,
             )
         )
@@ -469,10 +483,14 @@ def _stage_model(
         f"{graph.name or 'graph'}_stage{stage}",
         inputs,
         outputs,
-        initializer=[index.initializers[n] for n in sorted(held.initializers)
-                     if n in index.initializers],
-        sparse_initializer=[index.sparse_initializers[n] for n in sorted(held.initializers)
-                            if n in index.sparse_initializers],
+        initializer=[
+            index.initializers[n] for n in sorted(held.initializers) if n in index.initializers
+        ],
+        sparse_initializer=[
+            index.sparse_initializers[n]
+            for n in sorted(held.initializers)
+            if n in index.sparse_initializers
+        ],
     )
     stage_model = helper.make_model(
         stage_graph,
@@ -493,8 +511,7 @@ def _without_external_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for the checker with external initializers turned into typed graph inputs: the
     checker looks for their files relative to the working directory, and a stage model built in
     memory has none."""
-    external = [t for t in model.graph.initializer
-                if t.data_location == onnx.TensorProto.EXTERNAL]
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
         return model
     copy = onnx.ModelProto()

@@ -68,7 +68,14 @@ class _Batch:
     whichever stage fails first (later writers see it set and skip)."""
 
     __slots__ = (
-        "results", "remaining", "error", "done", "lock", "first_ns", "last_ns", "busy_ns",
+        "results",
+        "remaining",
+        "error",
+        "done",
+        "lock",
+        "first_ns",
+        "last_ns",
+        "busy_ns",
     )
 
     def __init__(self, micro_batches: int) -> None:
@@ -210,9 +217,7 @@ class PipelineRunner:
         results = [r for r in batch.results if r is not None]
         if len(results) == 1:
             return {name: to_numpy(results[0][name]) for name in wanted}
-        return {
-            name: np.concatenate([to_numpy(r[name]) for r in results]) for name in wanted
-        }
+        return {name: np.concatenate([to_numpy(r[name]) for r in results]) for name in wanted}
 
     def _micro_bounds(self, inputs: Mapping[str, np.ndarray]) -> list[tuple[int, int]]:
         first = next(iter(inputs.values()), None)
@@ -352,10 +357,15 @@ def build_pipeline_runner(
             runner.close()
         raise
     log.info(
-        "model '%s' v%d: %d pipeline stages on %s, %s", spec.name, spec.version, len(runners),
+        "model '%s' v%d: %d pipeline stages on %s, %s",
+        spec.name,
+        spec.version,
+        len(runners),
         ", ".join(str(d) for d in config.devices),
-        "; ".join(f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
-                  for s in plan.stages),
+        "; ".join(
+            f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
+            for s in plan.stages
+        ),
     )
     return PipelineRunner(
         runners,
@@ -366,4 +376,3 @@ def build_pipeline_runner(
         on_stage=on_stage,
         model_name=spec.name,
     )
-

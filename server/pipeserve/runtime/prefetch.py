@@ -33,8 +33,9 @@ def prefetch_mode(prefetch: Prefetch) -> str:
     if prefetch is False:
         return "none"
     if prefetch not in ("none", "willneed", "read"):
-        raise ValueError(f"prefetch must be True, False, 'none', 'willneed' or 'read', "
-                         f"got {prefetch!r}")
+        raise ValueError(
+            f"prefetch must be True, False, 'none', 'willneed' or 'read', got {prefetch!r}"
+        )
     return prefetch
 
 
@@ -53,8 +54,7 @@ class PrefetchJob:
         if self._mode == "willneed":
             self._willneed()
         elif self._mode == "read":
-            self._thread = threading.Thread(target=self._read, name="weights-prefetch",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._read, name="weights-prefetch", daemon=True)
             self._thread.start()
 
     def wait(self) -> None:

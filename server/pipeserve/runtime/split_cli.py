@@ -38,15 +38,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--cuts", default="", help="comma-separated tensors to cut after (stages - 1 names)"
     )
     p.add_argument(
-        "--cost", choices=("auto", "profile", "estimate"), default="auto",
+        "--cost",
+        choices=("auto", "profile", "estimate"),
+        default="auto",
         help="profile: one onnxruntime profiling run; estimate: FLOPs from shapes (default: auto)",
     )
     p.add_argument(
-        "--batch-hint", type=int, default=DEFAULT_BATCH_HINT,
+        "--batch-hint",
+        type=int,
+        default=DEFAULT_BATCH_HINT,
         help=f"size of a dynamic first dimension when costing (default: {DEFAULT_BATCH_HINT})",
     )
     p.add_argument(
-        "--dim-hint", type=int, default=DEFAULT_DIM_HINT,
+        "--dim-hint",
+        type=int,
+        default=DEFAULT_DIM_HINT,
         help=f"size of other dynamic dimensions when costing (default: {DEFAULT_DIM_HINT})",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -57,8 +63,12 @@ def run_split(args: argparse.Namespace) -> int:
         path = resolve_model_path(args.model)
         cuts = [c.strip() for c in args.cuts.split(",") if c.strip()] or None
         plan = partition_model(
-            path, args.stages, cuts=cuts, cost=args.cost,
-            batch_hint=args.batch_hint, dim_hint=args.dim_hint,
+            path,
+            args.stages,
+            cuts=cuts,
+            cost=args.cost,
+            batch_hint=args.batch_hint,
+            dim_hint=args.dim_hint,
         )
     except PipeserveError as exc:
         print(f"pipeserve split: error: {exc}", file=sys.stderr)
@@ -75,10 +85,18 @@ def resolve_model_path(given: Path) -> Path:
         return given
     if (given / "model.onnx").is_file():
         return given / "model.onnx"
-    versions = sorted(
-        (int(p.name) for p in given.iterdir() if p.name.isdigit() and (p / "model.onnx").exists()),
-        reverse=True,
-    ) if given.is_dir() else []
+    versions = (
+        sorted(
+            (
+                int(p.name)
+                for p in given.iterdir()
+                if p.name.isdigit() and (p / "model.onnx").exists()
+            ),
+            reverse=True,
+        )
+        if given.is_dir()
+        else []
+    )
     if versions:
         return given / str(versions[0]) / "model.onnx"
     raise PipeserveError(

@@ -34,8 +34,9 @@ def index_entries(index: PackIndex, graph_name: str | None) -> list[TensorEntry]
     return list(index.tensors) + list(opt.tensors)
 
 
-def check_against_index(refs: Sequence[ExternalRef], index: PackIndex, folder: Path,
-                         graph_name: str | None) -> None:
+def check_against_index(
+    refs: Sequence[ExternalRef], index: PackIndex, folder: Path, graph_name: str | None
+) -> None:
     """The graph must reference the index's weight file at the index's offsets, and the file must
     be as long as the index says (a shorter one is truncated, a longer one is another file)."""
     known: dict[str, list[TensorEntry]] = {}
@@ -60,8 +61,7 @@ def check_against_index(refs: Sequence[ExternalRef], index: PackIndex, folder: P
         size = weight_path.stat().st_size
     except FileNotFoundError:
         raise ModelLoadError(
-            f"weight file '{weight_path}' is missing (needed by initializer "
-            f"'{refs[0].name}')"
+            f"weight file '{weight_path}' is missing (needed by initializer '{refs[0].name}')"
         ) from None
     if size != index.weight_file_size:
         short = first_beyond(refs, size)
@@ -119,8 +119,12 @@ def byte_ranges(refs: Sequence[ExternalRef], folder: Path) -> list[ByteRange]:
     return out
 
 
-def verify_checksums(index: PackIndex, refs: Sequence[ExternalRef],
-                     view: Callable[[ExternalRef], memoryview], folder: Path) -> None:
+def verify_checksums(
+    index: PackIndex,
+    refs: Sequence[ExternalRef],
+    view: Callable[[ExternalRef], memoryview],
+    folder: Path,
+) -> None:
     """Full crc32 pass over what the graph uses (slow: about a second per GB)."""
     entries = {(e.name, e.offset): e for e in index_entries(index, None)}
     path = folder / index.weight_file

@@ -70,8 +70,13 @@ class MappedWeights:
     Thread safety: built and closed by the loading thread; sessions only read the memory.
     """
 
-    def __init__(self, maps: dict[Path, mmap.mmap], refs: Sequence[ExternalRef], folder: Path,
-                 ranges: Sequence[ByteRange]) -> None:
+    def __init__(
+        self,
+        maps: dict[Path, mmap.mmap],
+        refs: Sequence[ExternalRef],
+        folder: Path,
+        ranges: Sequence[ByteRange],
+    ) -> None:
         self._maps = maps
         self._refs = {r.name: r for r in refs}
         self._resolve = resolver(folder)
@@ -180,8 +185,9 @@ def select_graph(model_path: Path, providers: Sequence[Any], *, prepack: bool = 
     return _select(Path(model_path), providers, prepack)[0]
 
 
-def _select(model_path: Path, providers: Sequence[Any], prepack: bool
-            ) -> tuple[Path, PackIndex | None]:
+def _select(
+    model_path: Path, providers: Sequence[Any], prepack: bool
+) -> tuple[Path, PackIndex | None]:
     index = read_index(model_path.parent)
     if index is None or model_path.name not in _graph_names(index):
         return model_path, None
@@ -192,7 +198,11 @@ def _select(model_path: Path, providers: Sequence[Any], prepack: bool
     if opt.fingerprint != cpu_fingerprint():
         log.warning(
             "%s was optimised on another machine or onnxruntime (%s, here %s); loading the "
-            "portable graph %s instead", opt.graph, opt.fingerprint, cpu_fingerprint(), index.graph,
+            "portable graph %s instead",
+            opt.graph,
+            opt.fingerprint,
+            cpu_fingerprint(),
+            index.graph,
         )
         return portable, index
     return model_path.parent / opt.graph, index
@@ -245,9 +255,18 @@ def open_session(
     if index is not None and index.optimized and graph_path.name == index.optimized.graph:
         # Optimised at pack time: optimising again would only redo (and copy) the same work.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return _open(model, graph_path.parent, providers, options, index=index, graph_path=graph_path,
-                 prefetch=prefetch, prepack=prepack, verify_checksums=verify_checksums,
-                 placement=placement)
+    return _open(
+        model,
+        graph_path.parent,
+        providers,
+        options,
+        index=index,
+        graph_path=graph_path,
+        prefetch=prefetch,
+        prepack=prepack,
+        verify_checksums=verify_checksums,
+        placement=placement,
+    )
 
 
 def open_stage_session(
@@ -270,9 +289,18 @@ def open_stage_session(
     if index is not None and index.optimized and _uses_contrib_ops(stage):
         # Cut from the pre-optimised CPU graph: do not optimise it a second time.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return _open(stage, weights_dir, providers, options, index=index, graph_path=None,
-                 prefetch=prefetch, prepack=prepack, verify_checksums=verify_checksums,
-                 placement=placement)
+    return _open(
+        stage,
+        weights_dir,
+        providers,
+        options,
+        index=index,
+        graph_path=None,
+        prefetch=prefetch,
+        prepack=prepack,
+        verify_checksums=verify_checksums,
+        placement=placement,
+    )
 
 
 def _uses_contrib_ops(model: onnx.ModelProto) -> bool:
@@ -316,8 +344,10 @@ def _open(
         if placement == "auto":
             placement = "device" if device is not None else "ort"
         weights.placement = placement
-        if placement == "device" and device is not None and _add_device_initializers(
-            model, weights, options, device
+        if (
+            placement == "device"
+            and device is not None
+            and _add_device_initializers(model, weights, options, device)
         ):
             session = _create(model, None, folder, providers, options)
             weights._borrow(session)  # noqa: SLF001 - same module
@@ -351,8 +381,13 @@ def _map(sizes: dict[Path, int], refs: Sequence[ExternalRef], folder: Path) -> M
     return MappedWeights(maps, refs, folder, byte_ranges(refs, folder))
 
 
-def _create(model: onnx.ModelProto, graph_path: Path | None, folder: Path,
-            providers: list[Any], options: ort.SessionOptions) -> ort.InferenceSession:
+def _create(
+    model: onnx.ModelProto,
+    graph_path: Path | None,
+    folder: Path,
+    providers: list[Any],
+    options: ort.SessionOptions,
+) -> ort.InferenceSession:
     try:
         if graph_path is not None:
             return ort.InferenceSession(str(graph_path), options, providers=providers)
@@ -364,15 +399,17 @@ def _create(model: onnx.ModelProto, graph_path: Path | None, folder: Path,
         raise ModelLoadError(f"onnxruntime could not load '{where}': {exc}") from None
 
 
-def _typed_views(model: onnx.ModelProto, weights: MappedWeights
-                 ) -> Iterable[tuple[TensorProto, np.ndarray]]:
+def _typed_views(
+    model: onnx.ModelProto, weights: MappedWeights
+) -> Iterable[tuple[TensorProto, np.ndarray]]:
     for tensor in iter_initializers(model):
         if tensor.data_location == TensorProto.EXTERNAL:
             yield tensor, weights.array(tensor.name)
 
 
-def _add_host_initializers(model: onnx.ModelProto, weights: MappedWeights,
-                           options: ort.SessionOptions) -> None:
+def _add_host_initializers(
+    model: onnx.ModelProto, weights: MappedWeights, options: ort.SessionOptions
+) -> None:
     """OrtValues over the mapping, borrowed by onnxruntime (measured: no copy)."""
     for tensor, array in _typed_views(model, weights):
         value = ort.OrtValue.ortvalue_from_numpy(array)
@@ -380,8 +417,9 @@ def _add_host_initializers(model: onnx.ModelProto, weights: MappedWeights,
         options.add_initializer(tensor.name, value)
 
 
-def _add_device_initializers(model: onnx.ModelProto, weights: MappedWeights,
-                             options: ort.SessionOptions, device_id: int) -> bool:
+def _add_device_initializers(
+    model: onnx.ModelProto, weights: MappedWeights, options: ort.SessionOptions, device_id: int
+) -> bool:
     """Copy each tensor from the mapping to GPU `device_id`, in file order (one host-to-device
     copy per tensor, read sequentially from the mapping), and hand the device OrtValues to
     onnxruntime. Returns False (nothing added) when no CUDA device is usable, in which case
@@ -394,11 +432,14 @@ def _add_device_initializers(model: onnx.ModelProto, weights: MappedWeights,
         del probe
     except Exception as exc:  # no GPU, no CUDA libraries, or a bad device id
         # Only the text is kept: the exception's frames must not pin views of the mapping.
-        log.warning("CUDA device %d not usable for weight upload (%s); onnxruntime will load the "
-                    "weights itself", device_id, str(exc).strip())
+        log.warning(
+            "CUDA device %d not usable for weight upload (%s); onnxruntime will load the "
+            "weights itself",
+            device_id,
+            str(exc).strip(),
+        )
         return False
-    views = sorted(_typed_views(model, weights),
-                   key=lambda tv: weights._refs[tv[0].name].offset)  # noqa: SLF001
+    views = sorted(_typed_views(model, weights), key=lambda tv: weights._refs[tv[0].name].offset)  # noqa: SLF001
     for tensor, array in views:
         value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
         weights._borrowed.append((None, value))  # noqa: SLF001 - device memory, no host ref
