@@ -4,8 +4,12 @@ next to two limits measured in the same run:
 
 - onnxruntime in-process at the batch sizes the server formed (ModelStatistics batch_stats of
   that very measurement, each size timed in this process with the server's session options);
-- a do-nothing grpc.aio server (bench/noop_server.py) that only decodes requests and answers:
-  the ceiling of per-request gRPC work in Python on this machine.
+- do-nothing servers (bench/noop_server.py) that only decode requests and answer, one on
+  grpc.aio and one on pipeserve's own HTTP/2 transport (api/h2): the ceiling of per-request gRPC
+  work in Python on this machine. The faster of the two is the gRPC limit.
+
+One more row serves the delay-0 variant through grpc.aio (`--grpc-frontend grpcio`), so the
+transport's share of the result is visible in the same run.
 
 Load: perf_analyzer (closed loop, --async, batch 1 per request) where it runs, else the async
 tritonclient generator in bench/loadgen.py. Targets are measured in a rotating order within each
@@ -58,6 +62,9 @@ VARIANTS = {
     '{ string_value: "adaptive" } }',
 }
 NOOP = "noop"
+NOOP_H2 = "noop_asyncio"
+NOOPS = (NOOP, NOOP_H2)
+ON_GRPCIO = "on_grpcio"  # mlp_on served with --grpc-frontend grpcio
 
 
 def mlp(path: Path) -> Path:
@@ -232,29 +239,44 @@ def main() -> None:
         noop = [sys.executable, str(Path(__file__).with_name("noop_server.py")), "--model", "mlp"]
         with (
             process(serve, "pipeserve ready", r"grpc=\S+:(\d+)") as port,
+            process(
+                [*serve, "--grpc-frontend", "grpcio"], "pipeserve ready", r"grpc=\S+:(\d+)"
+            ) as grpcio_port,
             process(noop, "noop listening", r"noop listening: (\d+)") as noop_port,
+            process(
+                [*noop, "--frontend", "asyncio"], "noop listening", r"noop listening: (\d+)"
+            ) as noop_h2_port,
         ):
-            url, noop_url = f"127.0.0.1:{port}", f"127.0.0.1:{noop_port}"
+            url = f"127.0.0.1:{port}"
+            urls = {
+                NOOP: f"127.0.0.1:{noop_port}",
+                NOOP_H2: f"127.0.0.1:{noop_h2_port}",
+                ON_GRPCIO: f"127.0.0.1:{grpcio_port}",
+            }
             # The server's own default when not given (runtime/instances.py decides it).
             default = plan_instances([("CPU", max(1, args.instances), [])], {}).intra_op_threads
             threads = args.intra_op_threads or default
             timer = OrtTimer(model, threads)
-            client = grpcclient.InferenceServerClient(url)
-            targets = [NOOP, *VARIANTS]
+            clients = {
+                url: grpcclient.InferenceServerClient(url),
+                urls[ON_GRPCIO]: grpcclient.InferenceServerClient(urls[ON_GRPCIO]),
+            }
+            targets = [*NOOPS, *VARIANTS, ON_GRPCIO]
             rows: list[dict] = []
             for repeat in range(args.repeats):
                 for c in args.concurrency:
                     shift = (repeat + args.concurrency.index(c)) % len(targets)
                     for target in targets[shift:] + targets[:shift]:
-                        name = "mlp" if target == NOOP else f"mlp_{target}"
-                        before = {} if target == NOOP else formed_batches(client, name)
-                        load = measure(
-                            noop_url if target == NOOP else url, name, c, args.window, tool
-                        )
+                        noop = target in NOOPS
+                        name = "mlp" if noop else f"mlp_{'on' if target == ON_GRPCIO else target}"
+                        target_url = urls.get(target, url)
+                        client = clients.get(target_url)
+                        before = {} if client is None else formed_batches(client, name)
+                        load = measure(target_url, name, c, args.window, tool)
                         formed = (
-                            {} if target == NOOP else delta(formed_batches(client, name), before)
+                            {} if client is None else delta(formed_batches(client, name), before)
                         )
-                        ort_limit = 0.0 if target == NOOP else timer.limit(formed)
+                        ort_limit = 0.0 if noop else timer.limit(formed)
                         rows.append(
                             dict(
                                 repeat=repeat,
@@ -273,7 +295,8 @@ def main() -> None:
                             f"batches {_mean_batch(formed):5.2f} ORT {ort_limit:7.0f}/s",
                             flush=True,
                         )
-            client.close()
+            for client in clients.values():
+                client.close()
             per_batch = timer.seconds_per_batch({1, 8, 32}, rounds=7, runs=8)
     report = summarise(rows, args.concurrency)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -295,10 +318,14 @@ def _mean_batch(formed: dict[int, int]) -> float:
 def summarise(rows: list[dict], concs: list[int]) -> list[dict]:
     """Medians over repeats; ratios are taken per repeat (against that repeat's do-nothing
     server and in-process timing) before the median."""
-    noop = {(r["repeat"], r["concurrency"]): r["throughput"] for r in rows if r["target"] == NOOP}
+    noop = {
+        (r["repeat"], r["concurrency"], r["target"]): r["throughput"]
+        for r in rows
+        if r["target"] in NOOPS
+    }
     out = []
     for c in concs:
-        for target in [NOOP, *VARIANTS]:
+        for target in [*NOOPS, *VARIANTS, ON_GRPCIO]:
             mine = [r for r in rows if r["concurrency"] == c and r["target"] == target]
             throughput = statistics.median(r["throughput"] for r in mine)
             merged: dict[int, int] = {}
@@ -313,15 +340,23 @@ def summarise(rows: list[dict], concs: list[int]) -> list[dict]:
                 p99_ms=statistics.median(r["p99_us"] for r in mine) / 1000,
                 mean_batch=_mean_batch(merged),
             )
-            if target != NOOP:
+            if target not in NOOPS:
+
+                def grpc_limit(r: dict) -> float:  # the faster do-nothing server of that repeat
+                    return max(noop[r["repeat"], r["concurrency"], n] for n in NOOPS)
+
                 entry["ort_limit"] = statistics.median(r["ort_limit"] for r in mine)
                 entry["vs_lower_limit"] = statistics.median(
-                    r["throughput"] / min(r["ort_limit"], noop[r["repeat"], c]) for r in mine
+                    r["throughput"] / min(r["ort_limit"], grpc_limit(r)) for r in mine
+                )
+                # The issue's own definition: against the do-nothing grpc.aio server.
+                entry["vs_grpcio_limit"] = statistics.median(
+                    r["throughput"] / min(r["ort_limit"], noop[r["repeat"], c, NOOP]) for r in mine
                 )
                 # If the gRPC work and the model's work could not overlap at all (one CPU budget
                 # paying both in turn): context for a machine with fewer cores than both need.
                 entry["serial_bound"] = statistics.median(
-                    1 / (1 / r["ort_limit"] + 1 / noop[r["repeat"], c]) for r in mine
+                    1 / (1 / r["ort_limit"] + 1 / grpc_limit(r)) for r in mine
                 )
             out.append(entry)
     return out
@@ -334,17 +369,25 @@ def render(
         f"load generator: {tool}, {args.repeats} repeats x {args.window:g} s windows, medians",
         "",
         "| conc | server | infer/s | p50 ms | p99 ms | mean batch | ORT in-process at those "
-        "batches (infer/s) | / lower limit | serial bound (infer/s) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "batches (infer/s) | / lower limit | / lower limit (grpc.aio do-nothing) | "
+        "serial bound (infer/s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    names = {
+        NOOP: "do-nothing, grpc.aio",
+        NOOP_H2: "do-nothing, pipeserve transport",
+        ON_GRPCIO: "pipeserve on, grpc.aio front end",
+    }
     for e in report:
         limit = f"{e['ort_limit']:.0f}" if "ort_limit" in e else ""
         ratio = f"{e['vs_lower_limit']:.2f}" if "vs_lower_limit" in e else ""
+        ratio_aio = f"{e['vs_grpcio_limit']:.2f}" if "vs_grpcio_limit" in e else ""
         serial = f"{e['serial_bound']:.0f}" if "serial_bound" in e else ""
-        server = "do-nothing grpc.aio" if e["target"] == NOOP else f"pipeserve {e['target']}"
+        server = names.get(e["target"], f"pipeserve {e['target']}")
         lines.append(
             f"| {e['concurrency']} | {server} | {e['throughput']:.0f} | {e['p50_ms']:.2f} | "
-            f"{e['p99_ms']:.2f} | {e['mean_batch']:.1f} | {limit} | {ratio} | {serial} |"
+            f"{e['p99_ms']:.2f} | {e['mean_batch']:.1f} | {limit} | {ratio} | {ratio_aio} | "
+            f"{serial} |"
         )
     lines += ["", "onnxruntime in-process, one session, batch b: infer/s = b / time per run"]
     for size in (1, 8, 32):
@@ -359,6 +402,10 @@ def render(
         lines.append(
             f"\nbatching on / off at concurrency {top}: "
             f"{by[top, 'on']['throughput'] / by[top, 'off']['throughput']:.2f}x"
+        )
+        lines.append(
+            f"delay 0, own transport / grpc.aio front end at concurrency {top}: "
+            f"{by[top, 'on']['throughput'] / by[top, ON_GRPCIO]['throughput']:.2f}x"
         )
         best_fixed = max(by[top, t]["throughput"] for t in VARIANTS if t not in ("off", "adaptive"))
         lines.append(

@@ -76,7 +76,18 @@ class NoopService(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(response, self.spec)
 
 
-async def serve(model: str, features: int, outputs: int) -> None:
+async def serve(model: str, features: int, outputs: int, frontend: str) -> None:
+    if frontend == "asyncio":
+        from pipeserve.api.h2.server import H2Server
+
+        h2 = H2Server(1 << 30, 1 << 30)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            NoopService(model, features, outputs), h2
+        )
+        port = h2.add_insecure_port("127.0.0.1:0")
+        await h2.start()
+        print(f"noop listening: {port}", flush=True)
+        await asyncio.Event().wait()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 1 << 30),
@@ -98,8 +109,14 @@ def main() -> None:
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--outputs", type=int, default=512)
+    parser.add_argument("--frontend", choices=["grpcio", "asyncio"], default="grpcio")
+    parser.add_argument("--uvloop", action="store_true")
     args = parser.parse_args()
-    asyncio.run(serve(args.model, args.features, args.outputs))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(serve(args.model, args.features, args.outputs, args.frontend))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService, ServerState
+from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
 from pipeserve.metrics import ServerMetrics
 from pipeserve.metrics_http import MetricsServer, start_metrics_server
@@ -43,13 +44,17 @@ class App:
             settings.load_models,
         )
         limit = settings.max_message_bytes
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        self.server: H2Server | grpc.aio.Server
+        if settings.grpc_frontend == "asyncio":
+            self.server = H2Server(max_receive=limit, max_send=limit)
+        else:
+            self.server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                    ("grpc.so_reuseport", 0),
+                ]
+            )
         grpc_service.add_to_server(
             InferenceService(self.registry, self.control, self.state, limit), self.server
         )
@@ -70,7 +75,7 @@ class App:
         try:
             # grpcio raises RuntimeError when the bind fails (older releases returned 0).
             self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
-        except RuntimeError:
+        except (RuntimeError, OSError):
             self.grpc_port = 0
         if self.grpc_port == 0:
             raise OSError(

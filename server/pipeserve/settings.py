@@ -13,6 +13,8 @@ from pipeserve.repository.control import CONTROL_MODES
 # gRPC's own ceiling for one message (clients allow up to 2 GiB).
 MAX_MESSAGE_LIMIT = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# asyncio: pipeserve's own HTTP/2 transport (api/h2); grpcio: grpc.aio, the reference one.
+GRPC_FRONTENDS = ("asyncio", "grpcio")
 
 
 class SettingsError(ValueError):
@@ -32,6 +34,7 @@ class Settings:
     log_level: str = "INFO"
     max_message_bytes: int = MAX_MESSAGE_LIMIT
     exit_timeout_secs: float = 30.0
+    grpc_frontend: str = "asyncio"
 
     def __post_init__(self) -> None:
         if not self.model_repository.is_dir():
@@ -56,6 +59,11 @@ class Settings:
         if not 1024 <= self.max_message_bytes <= MAX_MESSAGE_LIMIT:
             raise SettingsError(
                 f"max-message-bytes must be 1024..{MAX_MESSAGE_LIMIT}, got {self.max_message_bytes}"
+            )
+        if self.grpc_frontend not in GRPC_FRONTENDS:
+            raise SettingsError(
+                f"grpc-frontend must be one of {', '.join(GRPC_FRONTENDS)}, "
+                f"got '{self.grpc_frontend}'"
             )
         if self.exit_timeout_secs < 0:
             raise SettingsError(f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -44,6 +45,9 @@ EXTENSIONS = (
 
 # Responses of one stream that may be in flight at once; the reader waits beyond that.
 STREAM_WINDOW = 256
+
+if TYPE_CHECKING:
+    from pipeserve.api.h2.server import H2Server
 
 
 class ServerState:
@@ -301,5 +305,5 @@ def _statistics(served: ServedVersion) -> pb.ModelStatistics:
     return stats
 
 
-def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
+def add_to_server(service: InferenceService, server: grpc.aio.Server | H2Server) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)

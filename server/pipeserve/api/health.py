@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -15,6 +16,9 @@ from pipeserve.api.grpc_service import ServerState
 LIVENESS_SERVICE = "pipeserve.live"
 # The whole server ("") and the inference service answer; anything else is unknown.
 KNOWN_SERVICES = ("", "inference.GRPCInferenceService", "grpc.health.v1.Health", LIVENESS_SERVICE)
+
+if TYPE_CHECKING:
+    from pipeserve.api.h2.server import H2Server
 
 
 class HealthService(hpb_grpc.HealthServicer):
@@ -47,5 +51,5 @@ class HealthService(hpb_grpc.HealthServicer):
             await self._state.changed.wait()
 
 
-def add_to_server(service: HealthService, server: grpc.aio.Server) -> None:
+def add_to_server(service: HealthService, server: grpc.aio.Server | H2Server) -> None:
     hpb_grpc.add_HealthServicer_to_server(service, server)

@@ -1,0 +1,575 @@
+"""One HTTP/2 connection, server side: frame parsing, streams, flow control, write coalescing.
+
+This module knows HTTP/2 and nothing of gRPC: a complete request header block opens a stream and
+is handed to `Endpoint.open_call`, which returns the `CallSink` that receives the stream's DATA
+and learns of resets. The call answers through `Stream.respond` / `Stream.send`.
+
+Why not grpc.aio: its per-RPC cost in Python (~430 us of CPU here, see docs/benchmarks.md) was
+the ceiling of the whole server on small machines. An asyncio protocol that parses frames itself
+and writes every response produced in one loop iteration with one `write` costs a fraction.
+
+Flow control, receiving: a large initial stream window and connection window are advertised up
+front. Unary requests are bounded by the message size limit, so their bytes are credited back as
+they arrive; streaming calls credit a message back only when the handler consumes it, which is
+what pushes back on a client that sends faster than the server works.
+Sending: the peer's windows are honoured; what does not fit waits on the stream until
+WINDOW_UPDATE, and the trailers wait behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+import hpack
+
+from pipeserve.api.h2 import frames as f
+
+log = logging.getLogger(__name__)
+
+# What this side advertises.
+RECV_STREAM_WINDOW = 4 << 20
+RECV_CONNECTION_WINDOW = 1 << 30
+MAX_RECV_FRAME = 1 << 20
+MAX_CONCURRENT = 65_536
+MAX_HEADER_LIST = 64 << 10
+HEADER_TABLE = 4096
+
+_STREAM_CREDIT_AT = RECV_STREAM_WINDOW // 4
+_CONNECTION_CREDIT_AT = RECV_CONNECTION_WINDOW // 4
+_HEADER_CACHE = 64
+
+_SERVER_SETTINGS = f.settings(
+    {
+        f.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT,
+        f.INITIAL_WINDOW_SIZE: RECV_STREAM_WINDOW,
+        f.MAX_FRAME_SIZE: MAX_RECV_FRAME,
+        f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        f.ENABLE_PUSH: 0,
+    }
+) + f.window_update(0, RECV_CONNECTION_WINDOW - f.DEFAULT_WINDOW)
+
+_NOT_HTTP2 = (
+    b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\n"
+    b"Connection: close\r\nContent-Length: 52\r\n\r\n"
+    b"pipeserve serves gRPC here, which needs HTTP/2 (h2c)"
+)
+
+
+class ConnectionError_(Exception):
+    """A connection-level protocol error: answered with GOAWAY and the connection closed."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CallSink(Protocol):
+    def data(self, payload: memoryview, end: bool) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class Endpoint(Protocol):
+    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink: ...
+
+    def connection_closed(self, connection: Connection) -> None: ...
+
+
+class Stream:
+    """Server half of one HTTP/2 stream."""
+
+    __slots__ = (
+        "conn",
+        "id",
+        "call",
+        "send_window",
+        "headers_sent",
+        "pending",
+        "pending_trailers",
+        "remote_closed",
+        "done",
+        "uncredited",
+        "drained",
+    )
+
+    def __init__(self, conn: Connection, stream_id: int, send_window: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.call: CallSink | None = None
+        self.send_window = send_window
+        self.headers_sent = False
+        self.pending = bytearray()  # framed gRPC bytes waiting for window
+        self.pending_trailers: bytes | None = None
+        self.remote_closed = False
+        self.done = False
+        self.uncredited = 0
+        self.drained: asyncio.Future[None] | None = None
+
+    # ---- sending (used by the call) ---------------------------------------------------------
+
+    def send(self, data: bytes, trailers: bytes | None = None) -> None:
+        """Response headers (first time), `data` as DATA frames, then `trailers` if given (ends
+        the stream). A reset or finished stream drops it silently: nobody is listening."""
+        if self.done:
+            return
+        conn = self.conn
+        if not self.headers_sent:
+            self.headers_sent = True
+            conn.write(
+                f.frame_header(len(f.RESPONSE_HEADERS), f.HEADERS, f.END_HEADERS, self.id)
+                + f.RESPONSE_HEADERS
+            )
+        if self.pending:
+            self.pending += data
+        elif data:
+            sent = conn.send_data(self, data)
+            if sent < len(data):
+                self.pending += memoryview(data)[sent:]
+        if trailers is not None:
+            if self.pending:
+                self.pending_trailers = trailers
+                conn.blocked[self.id] = self
+            else:
+                self._trailers(trailers)
+        elif self.pending:
+            conn.blocked[self.id] = self
+
+    def respond_only(self, block: bytes) -> None:
+        """A trailers-only response (an error before any message): one HEADERS frame."""
+        if self.done:
+            return
+        if self.headers_sent:
+            self.send(b"", block)
+            return
+        self.headers_sent = True
+        block = f.RESPONSE_HEADERS + block
+        self.conn.write(
+            f.frame_header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, self.id) + block
+        )
+        self._close()
+
+    def backlog(self) -> int:
+        return len(self.pending)
+
+    async def wait_drained(self) -> None:
+        """For streaming responses: returns once the queued bytes went out (or the stream died)."""
+        if not self.pending or self.done:
+            return
+        if self.drained is None:
+            self.drained = asyncio.get_running_loop().create_future()
+        await self.drained
+
+    def credit(self, n: int) -> None:
+        """Bytes the call consumed: returned to the client's window for this stream."""
+        if self.done or self.remote_closed:
+            return
+        self.uncredited += n
+        if self.uncredited >= _STREAM_CREDIT_AT:
+            self.conn.write(f.window_update(self.id, self.uncredited))
+            self.uncredited = 0
+
+    # ---- internal -----------------------------------------------------------------------------
+
+    def _trailers(self, block: bytes) -> None:
+        self.conn.write(
+            f.frame_header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, self.id) + block
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self.done = True
+        conn = self.conn
+        conn.streams.pop(self.id, None)
+        conn.blocked.pop(self.id, None)
+        if not self.remote_closed:
+            # The answer is complete; tell the client to stop sending (gRPC over HTTP/2 spec).
+            conn.write(f.rst_stream(self.id, f.NO_ERROR))
+        self._wake()
+        conn.stream_finished()
+
+    def _wake(self) -> None:
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+        self.drained = None
+
+    def flush(self) -> None:
+        """Sends what the windows now allow; the trailers follow once nothing is left."""
+        if self.pending:
+            sent = self.conn.send_data(self, memoryview(self.pending))
+            del self.pending[:sent]
+        if not self.pending:
+            self.conn.blocked.pop(self.id, None)
+            if self.pending_trailers is not None:
+                block, self.pending_trailers = self.pending_trailers, None
+                self._trailers(block)
+            else:
+                self._wake()
+
+    def abandon(self) -> None:
+        """The peer reset the stream or went away: drop output, tell the call."""
+        if self.done:
+            return
+        self.done = True
+        self.pending.clear()
+        self.conn.streams.pop(self.id, None)
+        self.conn.blocked.pop(self.id, None)
+        self._wake()
+        if self.call is not None:
+            self.call.reset()
+        self.conn.stream_finished()
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.blocked: dict[int, Stream] = {}  # streams with data waiting for window
+        self.last_stream_id = 0
+        self.going_away = False
+        self.closed = False
+        self._buf = bytearray()
+        self._preface = True
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_event_loop()
+        # Peer settings and our send windows.
+        self.peer_window = f.DEFAULT_WINDOW
+        self.peer_max_frame = f.DEFAULT_MAX_FRAME
+        self.send_window = f.DEFAULT_WINDOW
+        self._uncredited = 0
+        # Header block decoding, plus a cache of blocks that left the table unchanged.
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        self._decoder.max_allowed_table_size = HEADER_TABLE
+        self._table_generation = 0
+        self._header_cache: dict[bytes, tuple[int, dict[bytes, bytes]]] = {}
+        self._continuation: tuple[int, int, bytearray] | None = None  # stream, flags, block
+        self._idle: asyncio.Future[None] | None = None
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.write(_SERVER_SETTINGS)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self._receive(data)
+        except ConnectionError_ as exc:
+            log.debug("HTTP/2 connection error: %s", exc)
+            self.abort(exc.code, str(exc))
+            return
+        self._flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for stream in list(self.streams.values()):
+            stream.abandon()
+        self._notify_idle()
+        self.endpoint.connection_closed(self)
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queued and written once per loop iteration: a batch of answers costs one syscall."""
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.closed:
+            out = self._out
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def send_data(self, stream: Stream, data: bytes | memoryview) -> int:
+        """Writes as many DATA frames of `data` as both windows allow; returns bytes sent."""
+        total = len(data)
+        sent = 0
+        while sent < total:
+            room = min(stream.send_window, self.send_window, self.peer_max_frame, total - sent)
+            if room <= 0:
+                break
+            chunk = data[sent : sent + room]
+            self._out.append(f.frame_header(room, f.DATA, 0, stream.id))
+            self._out.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            sent += room
+            stream.send_window -= room
+            self.send_window -= room
+        if sent and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return sent
+
+    # ---- shutting down ------------------------------------------------------------------------
+
+    def goaway(self) -> None:
+        """Graceful: no new streams, the ones in flight finish."""
+        if self.going_away or self.closed:
+            return
+        self.going_away = True
+        self.write(f.goaway(self.last_stream_id, f.NO_ERROR))
+        if not self.streams:
+            self._close_soon()
+
+    def abort(self, code: int, message: str) -> None:
+        if self.closed:
+            return
+        self.write(f.goaway(self.last_stream_id, code, message.encode()[:256]))
+        self._flush()
+        self.closed = True
+        for stream in list(self.streams.values()):
+            stream.abandon()
+        if self.transport is not None:
+            self.transport.close()
+
+    def stream_finished(self) -> None:
+        if not self.streams:
+            self._notify_idle()
+            if self.going_away:
+                self._close_soon()
+
+    async def wait_idle(self) -> None:
+        if not self.streams or self.closed:
+            return
+        if self._idle is None:
+            self._idle = self._loop.create_future()
+        await self._idle
+
+    def _notify_idle(self) -> None:
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        self._idle = None
+
+    def _close_soon(self) -> None:
+        def close() -> None:
+            self._flush()
+            if self.transport is not None and not self.closed:
+                self.transport.close()
+
+        self._loop.call_soon(close)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        buf = self._buf
+        if buf:
+            buf += data
+            src: bytes | bytearray = buf
+        else:
+            src = data
+        pos = 0
+        if self._preface:
+            if len(src) < len(f.PREFACE):
+                if not f.PREFACE.startswith(bytes(src)):
+                    self._not_http2()
+                    return
+                if src is data:
+                    self._buf = bytearray(data)
+                return
+            if bytes(src[: len(f.PREFACE)]) != f.PREFACE:
+                self._not_http2()
+                return
+            self._preface = False
+            pos = len(f.PREFACE)
+        view = memoryview(src)
+        end = len(src)
+        try:
+            while end - pos >= 9:
+                length = (src[pos] << 16) | (src[pos + 1] << 8) | src[pos + 2]
+                if length > MAX_RECV_FRAME:
+                    raise ConnectionError_(
+                        f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}"
+                    )
+                if end - pos - 9 < length:
+                    break
+                kind = src[pos + 3]
+                flags = src[pos + 4]
+                stream_id = f.u32(view[pos + 5 : pos + 9])
+                payload = view[pos + 9 : pos + 9 + length]
+                pos += 9 + length
+                self._frame(kind, flags, stream_id, payload)
+        finally:
+            if self._uncredited >= _CONNECTION_CREDIT_AT:
+                self._out.append(f.window_update(0, self._uncredited))
+                self._uncredited = 0
+            payload = view = None  # type: ignore[assignment]
+            if src is data:
+                self._buf = bytearray(data[pos:]) if pos < end else bytearray()
+            else:
+                try:
+                    del buf[:pos]
+                except BufferError:  # a view is still alive somewhere: copy instead
+                    self._buf = bytearray(buf[pos:])
+
+    def _not_http2(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_NOT_HTTP2)
+        self.closed = True
+        self.transport.close()
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
+        if self._continuation is not None and kind != f.CONTINUATION:
+            raise ConnectionError_(f.PROTOCOL_ERROR, "expected CONTINUATION")
+        if kind == f.DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == f.HEADERS:
+            self._headers(flags, stream_id, payload)
+        elif kind == f.CONTINUATION:
+            self._continue(flags, stream_id, payload)
+        elif kind == f.WINDOW_UPDATE:
+            self._window_update(stream_id, payload)
+        elif kind == f.PING:
+            if len(payload) != 8:
+                raise ConnectionError_(f.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
+            if not flags & f.ACK:
+                self._out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
+        elif kind == f.SETTINGS:
+            if not flags & f.ACK:
+                self._settings(payload)
+        elif kind == f.RST_STREAM:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.remote_closed = True
+                stream.abandon()
+        elif kind == f.GOAWAY:
+            pass  # the client opens no more streams; the ones in flight still get answers
+        elif kind == f.PUSH_PROMISE:
+            raise ConnectionError_(f.PROTOCOL_ERROR, "clients cannot push")
+        # PRIORITY and unknown frame types are ignored (RFC 9113 5.5).
+
+    def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        self._uncredited += len(payload)
+        if flags & f.PADDED:
+            payload = _unpad(payload)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            if stream_id == 0 or stream_id > self.last_stream_id:
+                raise ConnectionError_(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            return  # a stream we already answered or reset: late bytes are dropped
+        end = bool(flags & f.END_STREAM)
+        if end:
+            stream.remote_closed = True
+        assert stream.call is not None
+        stream.call.data(payload, end)
+
+    def _headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        if flags & f.PADDED:
+            payload = _unpad(payload)
+        if flags & f.PRIORITY_FLAG:
+            payload = payload[5:]
+        if flags & f.END_HEADERS:
+            self._open(stream_id, flags, payload)
+        else:
+            self._continuation = (stream_id, flags, bytearray(payload))
+
+    def _continue(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        if self._continuation is None or self._continuation[0] != stream_id:
+            raise ConnectionError_(f.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        block = self._continuation[2]
+        block += payload
+        if len(block) > MAX_HEADER_LIST:
+            raise ConnectionError_(f.PROTOCOL_ERROR, "header block too large")
+        if flags & f.END_HEADERS:
+            first_flags = self._continuation[1]
+            self._continuation = None
+            self._open(stream_id, first_flags, memoryview(block))
+
+    def _open(self, stream_id: int, flags: int, block: memoryview) -> None:
+        headers = self._decode(block)
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # trailers from the client: only END_STREAM matters
+            if flags & f.END_STREAM:
+                stream.remote_closed = True
+                assert stream.call is not None
+                stream.call.data(memoryview(b""), True)
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream_id:
+            raise ConnectionError_(f.PROTOCOL_ERROR, f"bad new stream id {stream_id}")
+        self.last_stream_id = stream_id
+        if self.going_away or len(self.streams) >= MAX_CONCURRENT:
+            self._out.append(f.rst_stream(stream_id, f.REFUSED_STREAM))
+            return
+        stream = Stream(self, stream_id, self.peer_window)
+        self.streams[stream_id] = stream
+        stream.call = self.endpoint.open_call(stream, headers)
+        if flags & f.END_STREAM and not stream.done:
+            stream.remote_closed = True
+            stream.call.data(memoryview(b""), True)
+
+    def _decode(self, block: memoryview) -> dict[bytes, bytes]:
+        key = bytes(block)
+        cached = self._header_cache.get(key)
+        if cached is not None and cached[0] == self._table_generation:
+            return cached[1]
+        table = self._decoder.header_table.dynamic_entries
+        before = (len(table), id(table[0]) if table else 0)
+        try:
+            fields = self._decoder.decode(key, raw=True)
+        except hpack.HPACKError as exc:
+            raise ConnectionError_(f.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+        headers: dict[bytes, bytes] = {}
+        for name, value in fields:
+            headers[bytes(name)] = bytes(value)
+        if (len(table), id(table[0]) if table else 0) != before:
+            self._table_generation += 1
+            self._header_cache.clear()
+        elif len(self._header_cache) < _HEADER_CACHE:
+            self._header_cache[key] = (self._table_generation, headers)
+        return headers
+
+    def _window_update(self, stream_id: int, payload: memoryview) -> None:
+        if len(payload) != 4:
+            raise ConnectionError_(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE payload must be 4 bytes")
+        increment = f.u32(payload)
+        if stream_id == 0:
+            self.send_window += increment
+            if self.send_window > f.MAX_WINDOW:
+                raise ConnectionError_(f.FLOW_CONTROL_ERROR, "connection window overflow")
+            for stream in list(self.blocked.values()):
+                stream.flush()
+                if self.send_window <= 0:
+                    break
+        else:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.send_window += increment
+                if stream.pending:
+                    stream.flush()
+
+    def _settings(self, payload: memoryview) -> None:
+        if len(payload) % 6:
+            raise ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
+        for key, value in f.parse_settings(payload):
+            if key == f.INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise ConnectionError_(f.FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self.peer_window
+                self.peer_window = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == f.MAX_FRAME_SIZE:
+                if not f.DEFAULT_MAX_FRAME <= value <= 16_777_215:
+                    raise ConnectionError_(f.PROTOCOL_ERROR, f"bad max frame size {value}")
+                self.peer_max_frame = value
+        self._out.append(f.frame(f.SETTINGS, f.ACK, 0))
+        for stream in list(self.blocked.values()):
+            stream.flush()
+
+
+def _unpad(payload: memoryview) -> memoryview:
+    if not payload:
+        raise ConnectionError_(f.PROTOCOL_ERROR, "padded frame without pad length")
+    pad = payload[0]
+    if pad >= len(payload):
+        raise ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1 : len(payload) - pad]

@@ -1,0 +1,181 @@
+"""A gRPC server on asyncio streams, with grpc.aio.Server's surface where pipeserve uses it.
+
+Servicers are registered through the generated `add_*Servicer_to_server(servicer, server)`
+functions exactly as with grpc.aio; `add_insecure_port` binds at once (so the port is known before
+start), `start` accepts, `stop(grace)` drains: listeners close, every connection gets GOAWAY, calls
+in flight have `grace` seconds, then are cancelled with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from pipeserve.api.h2 import frames as f
+from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
+from pipeserve.api.h2.connection import CallSink, Connection, Stream
+
+log = logging.getLogger(__name__)
+
+_BACKLOG = 1024
+
+
+class _HandlerCallDetails:
+    """What grpc.GenericRpcHandler.service() reads."""
+
+    __slots__ = ("method", "invocation_metadata")
+
+    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+class _Answered:
+    """The sink of a stream that was answered at once (bad request, unknown method)."""
+
+    def data(self, payload: memoryview, end: bool) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+_ANSWERED = _Answered()
+
+
+class H2Server:
+    def __init__(self, max_receive: int, max_send: int) -> None:
+        self._limits = Limits(max_receive, max_send)
+        self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._sockets: list[socket.socket] = []
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[Connection] = set()
+        self._calls: set[Call] = set()
+        self._idle: asyncio.Event | None = None
+
+    # ---- grpc.aio.Server surface ----------------------------------------------------------------
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        for name, handler in handlers.items():
+            self._methods[f"/{service}/{name}".encode()] = handler
+
+    def add_insecure_port(self, address: str) -> int:
+        """Binds `host:port` (`[v6]:port` too; port 0 picks one) on every address the host
+        resolves to; returns the port. Raises OSError when nothing could be bound."""
+        host, _, port_text = address.rpartition(":")
+        host = host.strip("[]") or None  # type: ignore[assignment]
+        port = int(port_text)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # Dual-stack "::" alone serves IPv4 too; next to an IPv4 entry each keeps its family.
+        v6only = any(info[0] == socket.AF_INET for info in infos)
+        bound: list[socket.socket] = []
+        error: OSError | None = None
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+                if port == 0 and bound:  # the other families follow the first pick
+                    addr = (addr[0], bound[0].getsockname()[1], *addr[2:])
+                sock.bind(addr)
+                sock.listen(_BACKLOG)
+                sock.setblocking(False)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            bound.append(sock)
+        if not bound:
+            raise error or OSError(f"cannot bind {address}")
+        self._sockets.extend(bound)
+        return int(bound[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            self._servers.append(await loop.create_server(self._connection, sock=sock))
+
+    async def stop(self, grace: float | None) -> None:
+        for server in self._servers:
+            server.close()
+        for connection in list(self._connections):
+            connection.goaway()
+        if self._calls and grace:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("%d calls still running after %gs: cancelled", len(self._calls), grace)
+        for call in list(self._calls):
+            call.cancel(_SHUTDOWN)
+        await asyncio.sleep(0)  # the cancelled handlers write their status
+        for connection in list(self._connections):
+            connection.abort(f.NO_ERROR, "server stopped")
+
+    # ---- Endpoint (used by connections) ---------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        connection = Connection(self)
+        self._connections.add(connection)
+        return connection
+
+    def connection_closed(self, connection: Connection) -> None:
+        self._connections.discard(connection)
+
+    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink:
+        path = headers.get(b":path", b"")
+        if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(
+            b"application/grpc"
+        ):
+            stream.respond_only(
+                f.trailers(
+                    grpc.StatusCode.INTERNAL.value[0],
+                    "gRPC needs POST with content-type application/grpc",
+                )
+            )
+            return _ANSWERED
+        method = self._methods.get(path) or self._generic_method(path, headers)
+        if method is None:
+            stream.respond_only(
+                f.trailers(
+                    grpc.StatusCode.UNIMPLEMENTED.value[0],
+                    f"Method not found: {path.decode('latin-1')}",
+                )
+            )
+            return _ANSWERED
+        call = Call(stream, method, headers, self._limits, self._call_done)
+        self._calls.add(call)
+        call.start()
+        return call
+
+    def _call_done(self, call: Call) -> None:
+        self._calls.discard(call)
+        if not self._calls and self._idle is not None:
+            self._idle.set()
+
+    def _generic_method(
+        self, path: bytes, headers: dict[bytes, bytes]
+    ) -> grpc.RpcMethodHandler | None:
+        if not self._generic:
+            return None
+        details: Any = _HandlerCallDetails(
+            path.decode("latin-1"),
+            tuple((k.decode(), v.decode()) for k, v in headers.items() if not k.startswith(b":")),
+        )
+        for handler in self._generic:
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
