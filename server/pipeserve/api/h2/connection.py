@@ -252,7 +252,6 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.write(_SERVER_SETTINGS)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -381,6 +380,8 @@ class Connection(asyncio.Protocol):
                 return
             self._preface = False
             pos = len(f.PREFACE)
+            # Our SETTINGS go first, once the client proved to speak HTTP/2.
+            self._out.append(_SERVER_SETTINGS)
         view = memoryview(src)
         end = len(src)
         try:
@@ -540,11 +541,11 @@ class Connection(asyncio.Protocol):
                 if self.send_window <= 0:
                     break
         else:
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.send_window += increment
-                if stream.pending:
-                    stream.flush()
+            target = self.streams.get(stream_id)
+            if target is not None:
+                target.send_window += increment
+                if target.pending:
+                    target.flush()
 
     def _settings(self, payload: memoryview) -> None:
         if len(payload) % 6:

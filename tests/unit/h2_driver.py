@@ -1,0 +1,192 @@
+"""Test harness for api/h2: an H2Server in this event loop with a small bytes-in/bytes-out service,
+and a raw HTTP/2 client that writes frames by hand (for what real gRPC clients never send)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+
+import grpc
+import hpack
+
+from pipeserve.api.h2 import frames as f
+from pipeserve.api.h2.server import H2Server
+
+SERVICE = "test.Echo"
+
+
+def _same(b: bytes) -> bytes:
+    return b
+
+
+class EchoService:
+    """Echo: returns the request. Big: returns int(request) bytes. Wait: never answers (records
+    its cancellation). Abort: fails with NOT_FOUND. Stream: echoes each message of a stream.
+    Sum: stream in, one answer. Repeat: one request, int(request) answers."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def echo(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        return request
+
+    async def big(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        n = int(request)
+        return bytes(range(256)) * (n // 256) + bytes(n % 256)
+
+    async def wait(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return b""
+
+    async def abort(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: ünïcode 100%")
+        return b""
+
+    async def stream(self, requests: AsyncIterator[bytes], context):  # type: ignore[no-untyped-def]
+        async for r in requests:
+            yield r
+
+    async def sum(self, requests: AsyncIterator[bytes], context) -> bytes:  # type: ignore[no-untyped-def]
+        total = 0
+        async for r in requests:
+            total += len(r)
+        return str(total).encode()
+
+    async def repeat(self, request: bytes, context):  # type: ignore[no-untyped-def]
+        for i in range(int(request)):
+            yield str(i).encode()
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        kw = dict(request_deserializer=_same, response_serializer=_same)
+        return {
+            "Echo": grpc.unary_unary_rpc_method_handler(self.echo, **kw),
+            "Big": grpc.unary_unary_rpc_method_handler(self.big, **kw),
+            "Wait": grpc.unary_unary_rpc_method_handler(self.wait, **kw),
+            "Abort": grpc.unary_unary_rpc_method_handler(self.abort, **kw),
+            "Stream": grpc.stream_stream_rpc_method_handler(self.stream, **kw),
+            "Sum": grpc.stream_unary_rpc_method_handler(self.sum, **kw),
+            "Repeat": grpc.unary_stream_rpc_method_handler(self.repeat, **kw),
+        }
+
+
+async def start(max_message: int = 64 << 20) -> tuple[H2Server, EchoService, int]:
+    server = H2Server(max_receive=max_message, max_send=max_message)
+    service = EchoService()
+    server.add_registered_method_handlers(SERVICE, service.handlers())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, service, port
+
+
+def message(payload: bytes, compressed: bool = False) -> bytes:
+    return bytes((int(compressed),)) + len(payload).to_bytes(4, "big") + payload
+
+
+class RawClient:
+    """Speaks HTTP/2 frame by frame; decodes the server's header blocks."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+
+    @classmethod
+    async def connect(cls, port: int, settings: dict[int, int] | None = None) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        writer.write(f.PREFACE + f.settings(settings or {}))
+        return client
+
+    def send(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        self.writer.write(f.frame(kind, flags, stream_id, payload))
+
+    def request_headers(self, method: str, extra: dict[str, str] | None = None) -> bytes:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"/{SERVICE}/{method}"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *(extra or {}).items(),
+        ]
+        return self.encoder.encode(headers)
+
+    def call(
+        self, stream_id: int, method: str, body: bytes, extra: dict[str, str] | None = None
+    ) -> None:
+        self.send(f.HEADERS, f.END_HEADERS, stream_id, self.request_headers(method, extra))
+        self.send(f.DATA, f.END_STREAM, stream_id, body)
+
+    async def frame(self, timeout: float = 5.0) -> tuple[int, int, int, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
+        length = int.from_bytes(head[:3], "big")
+        stream_id = struct.unpack(">I", head[5:9])[0] & 0x7FFF_FFFF
+        payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        return head[3], head[4], stream_id, payload
+
+    async def response(self, stream_id: int, timeout: float = 5.0) -> Response:
+        """Frames of one stream until it ends (other streams' frames are kept aside)."""
+        out = Response()
+        while True:
+            kind, flags, sid, payload = await self.frame(timeout)
+            if sid == 0:
+                out.connection_frames.append((kind, flags, payload))
+                if kind == f.GOAWAY:
+                    out.goaway = payload
+                    return out
+                continue
+            if sid != stream_id:
+                continue
+            if kind == f.HEADERS:
+                out.header_blocks.append(dict(self.decoder.decode(payload)))
+            elif kind == f.DATA:
+                out.data += payload
+                out.data_frames += 1
+            elif kind == f.RST_STREAM:
+                out.reset = int.from_bytes(payload, "big")
+                return out
+            if flags & f.END_STREAM:
+                out.ended = True
+                return out
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+class Response:
+    def __init__(self) -> None:
+        self.header_blocks: list[dict[str, str]] = []
+        self.data = b""
+        self.data_frames = 0
+        self.ended = False
+        self.reset: int | None = None
+        self.goaway: bytes | None = None
+        self.connection_frames: list[tuple[int, int, bytes]] = []
+
+    @property
+    def status(self) -> int:
+        return int(self.header_blocks[-1]["grpc-status"])
+
+    @property
+    def message(self) -> str:
+        return self.header_blocks[-1].get("grpc-message", "")
+
+    def messages(self) -> list[bytes]:
+        out, data = [], self.data
+        while data:
+            size = int.from_bytes(data[1:5], "big")
+            out.append(data[5 : 5 + size])
+            data = data[5 + size :]
+        return out
