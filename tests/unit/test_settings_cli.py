@@ -46,6 +46,7 @@ def test_serve_defaults_follow_triton() -> None:
     assert args.log_level == "INFO"
     assert args.max_message_bytes == MAX_MESSAGE_LIMIT == 2**31 - 1
     assert args.exit_timeout_secs == 30.0
+    assert args.grpc_frontend == "asyncio"
 
 
 def test_every_serve_flag_is_parsed(tmp_path: Path) -> None:
@@ -62,6 +63,7 @@ def test_every_serve_flag_is_parsed(tmp_path: Path) -> None:
         "--log-level", "debug",
         "--max-message-bytes", "4096",
         "--exit-timeout-secs", "2.5",
+        "--grpc-frontend", "grpcio",
     )  # fmt: skip
     assert args.model_repository == tmp_path
     assert args.host == "127.0.0.1"
@@ -73,6 +75,7 @@ def test_every_serve_flag_is_parsed(tmp_path: Path) -> None:
     assert args.log_level == "DEBUG"
     assert args.max_message_bytes == 4096
     assert args.exit_timeout_secs == 2.5
+    assert args.grpc_frontend == "grpcio"
 
 
 # ---- PIPESERVE_* environment ------------------------------------------------------------------
@@ -88,6 +91,7 @@ ENVIRONMENT = {
     "PIPESERVE_LOG_LEVEL": "warning",
     "PIPESERVE_MAX_MESSAGE_BYTES": "8192",
     "PIPESERVE_EXIT_TIMEOUT_SECS": "3",
+    "PIPESERVE_GRPC_FRONTEND": "grpcio",
 }
 
 
@@ -106,6 +110,7 @@ def test_environment_mirrors_every_flag(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert args.log_level == "WARNING"
     assert args.max_message_bytes == 8192
     assert args.exit_timeout_secs == 3.0
+    assert args.grpc_frontend == "grpcio"
 
 
 def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,6 +178,7 @@ def test_missing_repository_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'LOUD'"),
         (["--repository-poll-secs", "soon"], "invalid float value: 'soon'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--grpc-frontend", "h3"], "argument --grpc-frontend: invalid choice: 'h3'"),
     ],
 )
 def test_unparseable_flags_exit_2(
@@ -219,6 +225,8 @@ def test_settings_reject_bad_values_directly(tmp_path: Path) -> None:
         Settings(model_repository=tmp_path, model_control_mode="sometimes")
     with pytest.raises(SettingsError, match="log-level must be one of"):
         Settings(model_repository=tmp_path, log_level="LOUD")
+    with pytest.raises(SettingsError, match="grpc-frontend must be one of asyncio, grpcio"):
+        Settings(model_repository=tmp_path, grpc_frontend="h3")
     settings = Settings(model_repository=tmp_path, grpc_port=0, metrics_port=0)
     with pytest.raises(AttributeError):
         settings.grpc_port = 1  # type: ignore[misc]  # frozen
