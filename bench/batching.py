@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import triton_reference  # noqa: E402
 from loadgen import Load, perf_analyzer_usable, run_aio, run_perf_analyzer  # noqa: E402
 
 from pipeserve.runtime.devices import available_cpus  # noqa: E402
@@ -65,6 +67,7 @@ NOOP = "noop"
 NOOP_H2 = "noop_asyncio"
 NOOPS = (NOOP, NOOP_H2)
 ON_GRPCIO = "on_grpcio"  # mlp_on served with --grpc-frontend grpcio
+TRITON = "triton"  # --triton: Triton's server, Python backend calling onnxruntime
 
 
 def mlp(path: Path) -> Path:
@@ -115,9 +118,13 @@ def write_repository(root: Path, model: Path, threads: int, instances: int) -> N
 
 
 @contextmanager
-def process(cmd: list[str], ready: str, port_pattern: str) -> Iterator[int]:
+def process(
+    cmd: list[str], ready: str, port_pattern: str, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """Start a server, yield its port once `ready` was logged, stop it afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     port, lines = 0, []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -139,6 +146,13 @@ def process(cmd: list[str], ready: str, port_pattern: str) -> Iterator[int]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _free_port() -> int:
+    """Triton cannot be told port 0: take a free one (a benchmark tolerates the tiny race)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def formed_batches(client: grpcclient.InferenceServerClient, model: str) -> dict[int, int]:
@@ -213,6 +227,12 @@ def main() -> None:
     parser.add_argument(
         "--instances", type=int, default=0, help="instance_group count (0: config default)"
     )
+    parser.add_argument(
+        "--triton",
+        type=Path,
+        help="a tritonserver folder (bin/, backends/, python_backend_stubs/: PyTriton's) to "
+        "measure Triton in the same run (see bench/triton_reference.py)",
+    )
     args = parser.parse_args()
     tool = args.loadgen
     if tool == "auto":
@@ -246,6 +266,7 @@ def main() -> None:
             process(
                 [*noop, "--frontend", "asyncio"], "noop listening", r"noop listening: (\d+)"
             ) as noop_h2_port,
+            ExitStack() as optional,
         ):
             url = f"127.0.0.1:{port}"
             urls = {
@@ -256,19 +277,43 @@ def main() -> None:
             # The server's own default when not given (runtime/instances.py decides it).
             default = plan_instances([("CPU", max(1, args.instances), [])], {}).intra_op_threads
             threads = args.intra_op_threads or default
+            targets = [*NOOPS, *VARIANTS, ON_GRPCIO]
+            if args.triton is not None:
+                home = args.triton
+                triton_port = optional.enter_context(
+                    process(
+                        triton_reference.command(
+                            home,
+                            triton_reference.write_repository(
+                                root / "triton", model, MAX_BATCH, IO
+                            ),
+                            triton_reference.backends(home, root / "triton_backends"),
+                            _free_port(),
+                        ),
+                        "Started GRPCInferenceService",
+                        r"GRPCInferenceService at \S+:(\d+)",
+                        triton_reference.environment(threads),
+                    )
+                )
+                urls[TRITON] = f"127.0.0.1:{triton_port}"
+                targets.append(TRITON)
             timer = OrtTimer(model, threads)
             clients = {
-                url: grpcclient.InferenceServerClient(url),
-                urls[ON_GRPCIO]: grpcclient.InferenceServerClient(urls[ON_GRPCIO]),
+                u: grpcclient.InferenceServerClient(u)
+                for u in (url, urls[ON_GRPCIO], urls.get(TRITON))
+                if u is not None
             }
-            targets = [*NOOPS, *VARIANTS, ON_GRPCIO]
             rows: list[dict] = []
             for repeat in range(args.repeats):
                 for c in args.concurrency:
                     shift = (repeat + args.concurrency.index(c)) % len(targets)
                     for target in targets[shift:] + targets[:shift]:
                         noop = target in NOOPS
-                        name = "mlp" if noop else f"mlp_{'on' if target == ON_GRPCIO else target}"
+                        name = (
+                            "mlp"
+                            if noop or target == TRITON
+                            else f"mlp_{'on' if target == ON_GRPCIO else target}"
+                        )
                         target_url = urls.get(target, url)
                         client = clients.get(target_url)
                         before = {} if client is None else formed_batches(client, name)
@@ -325,8 +370,10 @@ def summarise(rows: list[dict], concs: list[int]) -> list[dict]:
     }
     out = []
     for c in concs:
-        for target in [*NOOPS, *VARIANTS, ON_GRPCIO]:
+        for target in [*NOOPS, *VARIANTS, ON_GRPCIO, TRITON]:
             mine = [r for r in rows if r["concurrency"] == c and r["target"] == target]
+            if not mine:
+                continue
             throughput = statistics.median(r["throughput"] for r in mine)
             merged: dict[int, int] = {}
             for r in mine:
@@ -377,6 +424,7 @@ def render(
         NOOP: "do-nothing, grpc.aio",
         NOOP_H2: "do-nothing, pipeserve transport",
         ON_GRPCIO: "pipeserve on, grpc.aio front end",
+        TRITON: "Triton, Python backend + onnxruntime, delay 0",
     }
     for e in report:
         limit = f"{e['ort_limit']:.0f}" if "ort_limit" in e else ""
@@ -407,6 +455,11 @@ def render(
             f"delay 0, own transport / grpc.aio front end at concurrency {top}: "
             f"{by[top, 'on']['throughput'] / by[top, ON_GRPCIO]['throughput']:.2f}x"
         )
+        if (top, TRITON) in by:
+            lines.append(
+                f"pipeserve delay 0 / Triton at concurrency {top}: "
+                f"{by[top, 'on']['throughput'] / by[top, TRITON]['throughput']:.2f}x"
+            )
         best_fixed = max(by[top, t]["throughput"] for t in VARIANTS if t not in ("off", "adaptive"))
         lines.append(
             f"adaptive / best fixed delay throughput at concurrency {top}: "

@@ -98,7 +98,7 @@ class App:
             return
         self._stopped.set()
         log.info("pipeserve draining (up to %gs)", self.settings.exit_timeout_secs)
-        self.state.set_ready(False)
+        self.state.start_draining()
         await self.server.stop(grace=self.settings.exit_timeout_secs)
         await self.control.stop()
         await self.registry.close()

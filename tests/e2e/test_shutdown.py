@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from queue import Queue
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from pipeserve.api.generated import health_pb2, health_pb2_grpc
 from tests import onnx_models as om
 from tests.e2e.lifecycle import (
     SLOW_CONFIG,
@@ -145,3 +148,32 @@ def test_exit_timeout_bounds_the_drain(
     statuses = {e.status() for e in errors}  # type: ignore[attr-defined]
     assert statuses <= {"StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"}, statuses
     assert elapsed < 8, f"exit took {elapsed:.1f}s\n" + server.output()
+
+
+def test_health_watch_sees_not_serving_then_ends_without_holding_the_drain(
+    start_server: Callable[..., ServerProcess], shutdown_repo: Path
+) -> None:
+    server = start_server(shutdown_repo, "--exit-timeout-secs", DRAIN_SECS)
+    channel = grpc.insecure_channel(server.url)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    seen: Queue[object] = Queue()
+
+    def read() -> None:
+        try:
+            for response in watch:
+                seen.put(response.status)
+            seen.put("ended")
+        except grpc.RpcError as exc:
+            seen.put(exc.code())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert seen.get(timeout=10) == health_pb2.HealthCheckResponse.SERVING
+    started = time.monotonic()
+    server.terminate(signal.SIGTERM)
+    assert seen.get(timeout=10) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert seen.get(timeout=10) == "ended"
+    assert exit_code(server) == 0, server.output()
+    # The open watch did not make the drain wait out --exit-timeout-secs (60 s).
+    assert time.monotonic() - started < 10, server.output()
+    channel.close()

@@ -56,12 +56,18 @@ class ServerState:
     def __init__(self) -> None:
         self.live = True
         self.ready = False
+        self.draining = False
         self.changed = asyncio.Event()
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def start_draining(self) -> None:
+        """Not ready any more, for good: open health watches say so and end."""
+        self.draining = True
+        self.set_ready(False)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):

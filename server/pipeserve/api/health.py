@@ -48,6 +48,10 @@ class HealthService(hpb_grpc.HealthServicer):
             if status != last:
                 yield hpb.HealthCheckResponse(status=status)
                 last = status
+            if self._state.draining:
+                # The last word: otherwise an open watch holds the drain for the whole
+                # --exit-timeout-secs. A client that watches again is refused (GOAWAY).
+                return
             await self._state.changed.wait()
 
 
