@@ -66,6 +66,21 @@ def test_high_rate_waits_while_fewer_than_rate_times_fixed_cost_are_queued() -> 
     assert d.send_by(25, now, now) == now  # more queued than arrive per fixed cost: go
 
 
+def test_closed_loop_bursts_are_not_taken_for_the_rate() -> None:
+    # 32 closed-loop clients, one slot: each answered batch of 16 sends 16 requests back at once
+    # (10 us apart), one burst per execution (~3.6 ms). The rate is ~4.4 per ms, so a*L ~ 3.5:
+    # with 16 queued right after a burst, waiting would only idle the slot.
+    d = trained(fixed_ms=0.8, per_item_ms=0.14)
+    t = 0
+    for _ in range(12):
+        t = arrivals(d, 10 * US, 16, start=t + 3_450 * US)
+    assert d.send_by(16, t - 150 * US, t) == t
+    # A steady stream at the same mean rate still waits while fewer than a*L are queued.
+    s = trained(fixed_ms=0.8, per_item_ms=0.14)
+    now = arrivals(s, 227 * US, 200)
+    assert s.send_by(2, now, now) > now
+
+
 def test_silence_ends_the_wait() -> None:
     d = trained()
     last = arrivals(d, 50 * US, 100)
