@@ -127,6 +127,27 @@ def test_host_bound_waits_while_arrivals_keep_coming_up_to_the_cap() -> None:
     assert cap == pytest.approx(0.2 / 6 * MS + 0.2 / 3 * MS * 32, rel=0.01)
 
 
+def test_a_pause_in_traffic_is_not_taken_for_idle_slots() -> None:
+    # Busy slots (90%), then two seconds without requests, then the load returns: judged by a
+    # window that spans the pause, the slots would look idle and the batch would wait for every
+    # client seen lately.
+    d = AdaptiveDelay(max_preferred=32)
+    t = 0
+    for i in range(64):
+        t += MS
+        size = 1 + 3 * (i % 2)
+        d.record_execution(size, int(0.9 * MS), end_ns=t)
+    assert not d.host_bound()
+    t += 2_000 * MS
+    for _ in range(4):
+        t += MS
+        d.record_execution(16, int(0.9 * MS), end_ns=t)
+    for _ in range(40):
+        t += 50 * US
+        d.record_arrival(1, t, outstanding=12)
+    assert not d.host_bound()
+
+
 def test_host_bound_goes_once_everything_seen_in_flight_is_queued() -> None:
     d, now = host_bound(overlapping=True, busy_share=0.2)  # arrivals found 3 others: peak 4
     assert d.send_by(3, now, now) > now

@@ -56,6 +56,10 @@ OVERLAP = 0.5
 SILENCE = 2.0
 # Executions over which utilisation is measured.
 _UTILISATION_WINDOW = 64
+# A gap between executions this long is a pause in the traffic, not idle slots under load: the
+# window restarts, or the next burst would be judged by the pause (slots "idle", so wait for every
+# client) until 64 executions had pushed it out.
+_PAUSE_NS = 100_000_000
 # The outstanding-items peak forgets one item per this many arrivals.
 _PEAK_DECAY = 64
 
@@ -104,7 +108,10 @@ class AdaptiveDelay:
             self._by_size[items] = (mean, n)
             self._fit = _fit_affine(self._by_size)
             if end_ns:
-                self._recent.append((end_ns, duration_ns))
+                recent = self._recent
+                if recent and end_ns - duration_ns - recent[-1][0] > _PAUSE_NS:
+                    recent.clear()
+                recent.append((end_ns, duration_ns))
                 self._utilisation = _utilisation(self._recent, self._slots)
 
     # --- decisions --------------------------------------------------------------------------
