@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -37,12 +36,12 @@ _STREAM_BACKLOG = 1 << 20
 
 
 class Context:
-    """What servicers may ask of their call (a subset of grpc.aio.ServicerContext)."""
+    """What servicers ask of their call: `abort`, as on grpc.aio.ServicerContext (the only part
+    pipeserve's servicers use)."""
 
-    __slots__ = ("_call", "code", "details")
+    __slots__ = ("code", "details")
 
-    def __init__(self, call: Call) -> None:
-        self._call = call
+    def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
 
@@ -52,34 +51,6 @@ class Context:
         self.code = code
         self.details = details
         raise grpc.aio.AbortError()
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def time_remaining(self) -> float | None:
-        deadline = self._call.deadline
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def cancelled(self) -> bool:
-        return self._call.cancel_reason is not None
-
-    def done(self) -> bool:
-        return self._call.stream.done
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return tuple(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in self._call.headers.items()
-            if not k.startswith(b":")
-        )
-
-    def peer(self) -> str:
-        transport = self._call.stream.conn.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        return f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unknown"
 
 
 class Limits:
@@ -101,7 +72,6 @@ class Call:
         "on_done",
         "buffer",
         "task",
-        "deadline",
         "timer",
         "cancel_reason",
         "messages",
@@ -125,7 +95,6 @@ class Call:
         self.on_done = on_done
         self.buffer = bytearray()
         self.task: asyncio.Task[None] | None = None
-        self.deadline: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_reason: str | None = None
         self.messages: asyncio.Queue[bytes | None] | None = None
@@ -153,7 +122,6 @@ class Call:
             if seconds is None:
                 self.finish(grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
                 return
-            self.deadline = time.monotonic() + seconds
             self.timer = loop.call_later(seconds, self._expire)
         if self.method.request_streaming:
             self.messages = asyncio.Queue()
@@ -277,10 +245,15 @@ class Call:
         if self.cancel_reason is None:
             self.cancel_reason = reason
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-        elif reason == _DEADLINE:
+            self.task.cancel()  # the task answers through _end_cancelled
+        else:
+            self._end_cancelled()
+
+    def _end_cancelled(self) -> None:
+        """The status a cancelled call ends with: a reset stream gets none (nobody listens)."""
+        if self.cancel_reason == _DEADLINE:
             self.finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        elif reason == _SHUTDOWN:
+        elif self.cancel_reason == _SHUTDOWN:
             self.finish(grpc.StatusCode.UNAVAILABLE, "server shutting down")
         else:
             self._done()
@@ -293,51 +266,40 @@ class Call:
 
     async def _run(self, arg: Any) -> None:
         method = self.method
-        context = Context(self)
+        context = Context()
         try:
             if method.response_streaming:
                 handler = method.stream_stream if method.request_streaming else method.unary_stream
                 await self._stream_responses(handler(arg, context))
-                self.finish(context.code or grpc.StatusCode.OK, context.details)
+                self.finish(grpc.StatusCode.OK)
             else:
                 handler = method.stream_unary if method.request_streaming else method.unary_unary
                 response = await handler(arg, context)
-                self._respond(method.response_serializer(response))
+                self.stream.send(self._framed(method.response_serializer(response)), _OK_TRAILERS)
+                self._done()
         except grpc.aio.AbortError:
             self.finish(context.code or grpc.StatusCode.UNKNOWN, context.details)
         except _TooLarge as exc:
             self.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except asyncio.CancelledError:
-            if self.cancel_reason == _DEADLINE:
-                self.finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            elif self.cancel_reason == _SHUTDOWN:
-                self.finish(grpc.StatusCode.UNAVAILABLE, "server shutting down")
-            else:
-                self._done()
+            self._end_cancelled()
         except Exception as exc:
             log.exception("unexpected error in %s", self.headers.get(b":path", b"?").decode())
             self.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
-    def _respond(self, payload: bytes) -> None:
+    def _framed(self, payload: bytes) -> bytes:
+        """One response message with its gRPC prefix; raises _TooLarge over the send limit."""
         if len(payload) > self.limits.max_send:
-            self.finish(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Sent message larger than max ({len(payload)} vs. {self.limits.max_send})",
+            raise _TooLarge(
+                f"Sent message larger than max ({len(payload)} vs. {self.limits.max_send})"
             )
-            return
-        self.stream.send(_frame_message(payload), _OK_TRAILERS)
-        self._done()
+        return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
     async def _stream_responses(self, responses: AsyncIterator[Any]) -> None:
         serialize = self.method.response_serializer
         stream = self.stream
         async for response in responses:
-            payload = serialize(response)
-            if len(payload) > self.limits.max_send:
-                raise _TooLarge(
-                    f"Sent message larger than max ({len(payload)} vs. {self.limits.max_send})"
-                )
-            stream.send(_frame_message(payload))
+            stream.send(self._framed(serialize(response)))
             if stream.backlog() > _STREAM_BACKLOG:
                 await stream.wait_drained()
             if stream.done:
@@ -373,10 +335,6 @@ class _TooLarge(Exception):
 
 def _ignore(call: Call) -> None:
     pass
-
-
-def _frame_message(payload: bytes) -> bytes:
-    return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
 
 def _decompressor(encoding: bytes, limit: int) -> Callable[[bytes], bytes] | None:

@@ -246,7 +246,6 @@ class Connection(asyncio.Protocol):
         self._table_generation = 0
         self._header_cache: dict[bytes, tuple[int, dict[bytes, bytes]]] = {}
         self._continuation: tuple[int, int, bytearray] | None = None  # stream, flags, block
-        self._idle: asyncio.Future[None] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -271,7 +270,6 @@ class Connection(asyncio.Protocol):
         self.closed = True
         for stream in list(self.streams.values()):
             stream.abandon()
-        self._notify_idle()
         self.endpoint.connection_closed(self)
 
     # ---- writing --------------------------------------------------------------------------------
@@ -332,22 +330,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def stream_finished(self) -> None:
-        if not self.streams:
-            self._notify_idle()
-            if self.going_away:
-                self._close_soon()
-
-    async def wait_idle(self) -> None:
-        if not self.streams or self.closed:
-            return
-        if self._idle is None:
-            self._idle = self._loop.create_future()
-        await self._idle
-
-    def _notify_idle(self) -> None:
-        if self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-        self._idle = None
+        if not self.streams and self.going_away:
+            self._close_soon()
 
     def _close_soon(self) -> None:
         def close() -> None:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import Iterable
-from typing import Any
 
 import grpc
 
@@ -23,16 +22,6 @@ from pipeserve.api.h2.connection import CallSink, Connection, Stream
 log = logging.getLogger(__name__)
 
 _BACKLOG = 1024
-
-
-class _HandlerCallDetails:
-    """What grpc.GenericRpcHandler.service() reads."""
-
-    __slots__ = ("method", "invocation_metadata")
-
-    def __init__(self, method: str, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.method = method
-        self.invocation_metadata = metadata
 
 
 class _Answered:
@@ -52,7 +41,6 @@ class H2Server:
     def __init__(self, max_receive: int, max_send: int) -> None:
         self._limits = Limits(max_receive, max_send)
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
-        self._generic: list[grpc.GenericRpcHandler] = []
         self._sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
@@ -62,7 +50,8 @@ class H2Server:
     # ---- grpc.aio.Server surface ----------------------------------------------------------------
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self._generic.extend(handlers)
+        """Ignored: generated code registers the same methods through
+        add_registered_method_handlers too (grpcio >= 1.63; gen_proto.py pins grpcio-tools)."""
 
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
@@ -146,7 +135,7 @@ class H2Server:
                 )
             )
             return _ANSWERED
-        method = self._methods.get(path) or self._generic_method(path, headers)
+        method = self._methods.get(path)
         if method is None:
             stream.respond_only(
                 f.trailers(
@@ -164,18 +153,3 @@ class H2Server:
         self._calls.discard(call)
         if not self._calls and self._idle is not None:
             self._idle.set()
-
-    def _generic_method(
-        self, path: bytes, headers: dict[bytes, bytes]
-    ) -> grpc.RpcMethodHandler | None:
-        if not self._generic:
-            return None
-        details: Any = _HandlerCallDetails(
-            path.decode("latin-1"),
-            tuple((k.decode(), v.decode()) for k, v in headers.items() if not k.startswith(b":")),
-        )
-        for handler in self._generic:
-            found = handler.service(details)
-            if found is not None:
-                return found
-        return None
