@@ -22,13 +22,14 @@ import ctypes
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import closed_loop  # noqa: E402
 
 from pipeserve.errors import PipeserveError
 from pipeserve.inference import ModelSpec, TensorSpec
@@ -109,24 +110,6 @@ def pipeline(path: Path, devices: list[str], width: int):  # type: ignore[no-unt
     return runner
 
 
-def rate(call, callers: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    stop = time.monotonic() + seconds
-    counts = [0] * callers
-
-    def loop(i: int) -> None:
-        while time.monotonic() < stop:
-            call()
-            counts[i] += 1
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.monotonic() - start)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weight-gib", type=float, default=0.0)
@@ -162,9 +145,13 @@ def main() -> int:
             xb = np.random.default_rng(batch).standard_normal((batch, width)).astype(np.float32)
             session.run(["y"], {"x": xb})
             runner.run(0, {"x": xb}, ["y"])
-            s = rate(lambda xb=xb: session.run(["y"], {"x": xb}), 1, args.seconds) * batch
+            s = closed_loop(lambda i, xb=xb: session.run(["y"], {"x": xb}), 1, args.seconds) * batch
             p = (
-                rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count, args.seconds)
+                closed_loop(
+                    lambda i, xb=xb: runner.run(0, {"x": xb}, ["y"]),
+                    runner.slot_count,
+                    args.seconds,
+                )
                 * batch
             )
             print(f"| {batch} | {s:.0f} | {p:.0f} | {p / s:.2f}x |")
@@ -194,7 +181,11 @@ def main() -> int:
             xb = np.random.default_rng(batch).standard_normal((batch, width)).astype(np.float32)
             runner.run(0, {"x": xb}, ["y"])
             r = (
-                rate(lambda xb=xb: runner.run(0, {"x": xb}, ["y"]), runner.slot_count, args.seconds)
+                closed_loop(
+                    lambda i, xb=xb: runner.run(0, {"x": xb}, ["y"]),
+                    runner.slot_count,
+                    args.seconds,
+                )
                 * batch
             )
             print(f"{gpus}-GPU pipeline, batch {batch}: {r:.0f} rows/s")
