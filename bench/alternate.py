@@ -21,7 +21,14 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batching import VARIANTS, OrtTimer, mlp, process, write_repository  # noqa: E402
+from batching import (  # noqa: E402
+    VARIANTS,
+    OrtTimer,
+    mlp,
+    process,
+    serve_command,
+    write_repository,
+)
 from loadgen import run_perf_analyzer  # noqa: E402
 
 from pipeserve.runtime.instances import plan_instances  # noqa: E402
@@ -43,10 +50,7 @@ def main() -> None:
         root = Path(tmp)
         model = mlp(root / "mlp.onnx")
         write_repository(root / "repo", model, 0, 0)
-        serve = [
-            sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(root / "repo"),
-            "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics",
-        ]  # fmt: skip
+        serve = serve_command(root / "repo")
         threads = plan_instances([("CPU", 1, [])], {}).intra_op_threads
         timer = OrtTimer(model, threads)
         results: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in args.variants}

@@ -117,6 +117,14 @@ def write_repository(root: Path, model: Path, threads: int, instances: int) -> N
         )
 
 
+def serve_command(repository: Path) -> list[str]:
+    """`pipeserve serve` on a free local port, metrics off."""
+    return [
+        sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repository),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics",
+    ]  # fmt: skip
+
+
 @contextmanager
 def process(
     cmd: list[str], ready: str, port_pattern: str, env: dict[str, str] | None = None
@@ -243,19 +251,7 @@ def main() -> None:
         root = Path(tmp)
         model = mlp(root / "mlp.onnx")
         write_repository(root / "repo", model, args.intra_op_threads, args.instances)
-        serve = [
-            sys.executable,
-            "-m",
-            "pipeserve",
-            "serve",
-            "--model-repository",
-            str(root / "repo"),
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--no-metrics",
-        ]
+        serve = serve_command(root / "repo")
         noop = [sys.executable, str(Path(__file__).with_name("noop_server.py")), "--model", "mlp"]
         with (
             process(serve, "pipeserve ready", r"grpc=\S+:(\d+)") as port,
