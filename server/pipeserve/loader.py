@@ -6,6 +6,7 @@ Synchronous and slow (onnxruntime session creation holds the GIL for a while): t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pipeserve.batching.factory import batching_policy
 from pipeserve.batching.policy import BatchingPolicy
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
+from pipeserve.progress import LoadProgress
 from pipeserve.repository.config import (
     ModelConfig,
     complete_config,
@@ -29,6 +31,8 @@ from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.runtime.instances import create_instances, plan_instances
 from pipeserve.runtime.pipeline import create_pipeline_runner
+
+log = logging.getLogger(__name__)
 
 
 class StageSink:
@@ -111,9 +115,14 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             spec = model_spec(config, version)
             batching = batching_policy(config, spec)  # a bad section fails before any session
             sink = StageSink()
+            progress = LoadProgress(name, version, log)
             # A model with pipeline parameters runs as stages; any other as plain instances.
-            pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
-            runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
+            pipeline = create_pipeline_runner(
+                model_file(path), parameters, spec, on_stage=sink, progress=progress
+            )
+            runner: ModelRunner = pipeline or create_instances(
+                model_file(path), plan, name, progress
+            )
             stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
             loaded[version] = LoadedVersion(
                 version, path, spec, runner, time.monotonic() - start, sink, batching, stage_devices

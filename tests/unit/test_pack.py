@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -189,3 +191,20 @@ def test_cli_reports_errors_without_traceback(
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("pipeserve pack: error: cannot read ONNX model") and "nope.onnx" in err
+
+
+def test_cli_progress_on_a_pipe_is_plain_lines_on_stderr(tmp_path: Path) -> None:
+    # A subprocess, so stderr really is a pipe (not a terminal): plain lines, no bar.
+    src = save_external(transformer_like(), tmp_path / "src" / "model.onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeserve", "pack", str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    phases = [line.split(": ")[1] for line in result.stderr.splitlines()]
+    assert phases == ["weights", "onnxruntime CPU optimisation", "optimised weights"]
+    assert "\r" not in result.stderr
+    assert all(": done (" in line for line in result.stderr.splitlines())
+    assert result.stdout.startswith("packed into ")

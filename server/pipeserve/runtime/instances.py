@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
+from pipeserve.progress import LoadProgress
 from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
 from pipeserve.runtime.devices import available_cpus, providers_for
 from pipeserve.runtime.weights import MappedWeights, open_session, release_weights
@@ -156,7 +157,12 @@ def _int_param(params: Mapping[str, str], key: str, default: int) -> int:
     return value or default
 
 
-def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> SessionInstances:
+def create_instances(
+    model_path: Path,
+    plan: InstancePlan,
+    model_name: str,
+    progress: LoadProgress | None = None,
+) -> SessionInstances:
     """Create every session (slow; call off the event loop). Raises ModelLoadError.
 
     Fast start: onnxruntime's CPU load time is mostly weight pre-packing (a re-layout of every
@@ -187,6 +193,8 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
         devices.append(device)
         if fast:
             to_upgrade.append(slot)
+        if progress is not None:
+            progress.step("instance", slot + 1, len(plan.kinds), f"on {device}")
     log.info("model '%s': %d instance(s) on %s", model_name, len(sessions), ", ".join(devices))
     instances = SessionInstances(sessions, devices, mapped)
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
-from pipeserve.runtime.partition import Plan, partition_model
+from pipeserve.progress import LoadProgress
+from pipeserve.runtime.partition import PROFILED_UNIT, Plan, partition_model
 from pipeserve.runtime.pipeline_config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline_stage import StageRunner, to_numpy
 
@@ -320,6 +321,7 @@ def create_pipeline_runner(
     parameters: Mapping[str, str],
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    progress: LoadProgress | None = None,
 ) -> PipelineRunner | None:
     """The runner for a pipelined model version, or None when `parameters` ask for no pipeline.
 
@@ -337,7 +339,7 @@ def create_pipeline_runner(
         cost=config.cost,
         batch_hint=max(1, config.micro_batch_size or 1),
     )
-    return build_pipeline_runner(plan, config, spec, on_stage)
+    return build_pipeline_runner(plan, config, spec, on_stage, progress)
 
 
 def build_pipeline_runner(
@@ -345,6 +347,7 @@ def build_pipeline_runner(
     config: PipelineConfig,
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    progress: LoadProgress | None = None,
 ) -> PipelineRunner:
     """Open a session per stage of `plan` on the configured devices and start the threads."""
     runners: list[StageRunner] = []
@@ -352,12 +355,14 @@ def build_pipeline_runner(
         for stage, device in zip(plan.stages, config.devices, strict=True):
             threads = config.threads_per_stage if device.kind == "cpu" else 1
             runners.append(StageRunner(stage, device, plan.base_dir, threads, model_name=spec.name))
+            if progress is not None:
+                progress.step("stage", stage.index + 1, len(plan.stages), f"on {device}")
     except BaseException:
         for runner in runners:
             runner.close()
         raise
     log.info(
-        "model '%s' v%d: %d pipeline stages on %s, %s",
+        "model '%s' v%d: %d pipeline stages on %s, %s; cut by %s%s",
         spec.name,
         spec.version,
         len(runners),
@@ -366,6 +371,12 @@ def build_pipeline_runner(
             f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
             for s in plan.stages
         ),
+        plan.cost_unit,
+        # Measured costs can move the cuts from one load to the next: say how to pin them.
+        ' measured at load (cuts can differ between loads; pipeline_cost "estimate" or '
+        "pipeline_cuts fix them)"
+        if plan.cost_unit == PROFILED_UNIT
+        else "",
     )
     return PipelineRunner(
         runners,
