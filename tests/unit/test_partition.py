@@ -141,11 +141,8 @@ def test_external_weights_past_2gib_are_referenced_not_loaded(tmp_path: Path) ->
     tensor = next(t for t in last.model.graph.initializer if t.name == "W3")
     entries = {e.key: e.value for e in tensor.external_data}
     assert tensor.data_location == onnx.TensorProto.EXTERNAL
-    assert entries == {
-        "location": "weights.bin",
-        "offset": str(graphs.FAR_OFFSET),
-        "length": str(16 * 16 * 4),
-    }
+    assert entries == {"location": "weights.bin", "offset": str(graphs.FAR_OFFSET),
+                       "length": str(16 * 16 * 4)}
     assert not tensor.raw_data
     # Each stage holds only its own weights, and every stage model stays tiny.
     assert [s.initializers for s in plan.stages] == [("W0", "W1"), ("W2", "W3")]
