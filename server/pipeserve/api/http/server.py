@@ -8,7 +8,8 @@ can make the server hold is bounded by `HttpLimits` (each a server flag):
   Content-Length before reading and while reading a chunked body; decompressed bodies too.
 - header bytes: `max_header_bytes` for the request line and headers together (431 past it).
 - connections and requests at once: `max_connections`; uvicorn answers 503 at once beyond it.
-- idle keep-alive connections: closed after `keep_alive_secs`.
+- idle keep-alive connections, and connections that do not send a whole request head: closed
+  after `keep_alive_secs`.
 
 Stop: the listener closes (new connections are refused), idle keep-alive connections close,
 busy ones close once their in-flight request is answered; after `grace` seconds whatever is left
@@ -115,16 +116,47 @@ async def _send(send: Send, response: Response) -> None:
 
 
 class _BoundedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a bound on the request line + headers: httptools itself
-    has none, and a peer could otherwise grow them without end."""
+    """uvicorn's httptools protocol with bounds on the request line + headers: on their size
+    (httptools has none) and on the time a peer may take to send them (uvicorn times out idle
+    keep-alive connections only after a first response, so a connection that never sends a
+    whole request head would be held for ever)."""
 
     max_header_bytes = MAX_HEADER_BYTES
     _header_bytes = 0
     _headers_too_large = False
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            # Same bound as an idle keep-alive connection: --http-keep-alive-secs.
+            self._header_timer = self.loop.call_later(self.timeout_keep_alive, self._header_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -180,7 +212,9 @@ class HttpServer:
             log_config=None,
             access_log=False,
             server_header=False,
-            limit_concurrency=limits.max_connections,
+            # uvicorn refuses at `>= limit`, counting the asking connection: +1 serves exactly
+            # max_connections connections (and as many requests in progress).
+            limit_concurrency=limits.max_connections + 1,
             timeout_keep_alive=max(1, round(limits.keep_alive_secs)),
             backlog=BACKLOG,
             ssl_context_factory=(lambda _c, _d: ssl_context) if ssl_context else None,
