@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeserve import __version__
-from pipeserve.runtime.pack import add_pack_parser
-from pipeserve.runtime.split_cli import add_split_parser
+from pipeserve.partition.cli import add_split_parser
 from pipeserve.settings import (
     GRPC_FRONTENDS,
     MAX_MESSAGE_LIMIT,
@@ -20,6 +19,7 @@ from pipeserve.settings import (
     SettingsError,
     env_defaults,
 )
+from pipeserve.weights.pack import add_pack_parser
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
