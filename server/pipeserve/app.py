@@ -20,8 +20,8 @@ from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
-from pipeserve.metrics import ServerMetrics
-from pipeserve.metrics_http import MetricsServer, start_metrics_server
+from pipeserve.metrics.http import MetricsServer, start_metrics_server
+from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
 from pipeserve.repository.control import ModelControl
 from pipeserve.serving.dataplane import DataPlane
