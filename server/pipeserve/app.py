@@ -24,8 +24,8 @@ from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
 from pipeserve.api.http.routes import Router
 from pipeserve.api.http.server import HttpLimits, HttpServer
-from pipeserve.metrics import ServerMetrics
-from pipeserve.metrics_http import MetricsServer, start_metrics_server
+from pipeserve.metrics.http import MetricsServer, start_metrics_server
+from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
 from pipeserve.repository.control import ModelControl
 from pipeserve.serving.dataplane import DataPlane
