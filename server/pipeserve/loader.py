@@ -27,6 +27,7 @@ from pipeserve.repository.config import (
 )
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
+from pipeserve.repository.sections import check_sections
 from pipeserve.runtime.instances import create_instances, plan_instances
 from pipeserve.runtime.pipeline import create_pipeline_runner
 
@@ -79,6 +80,7 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
     if not folder.is_dir():
         raise ModelLoadError(f"model folder '{folder}' does not exist")
     given = override if override is not None else read_config(folder)
+    check_sections(given, name)  # what pipeserve does not implement is refused, never skipped
     filename = given.default_model_filename or "model.onnx"
     found = version_folders(folder, filename)
     if not found:
