@@ -55,6 +55,7 @@ HONOURED: _Table = {
     "dynamic_batching": None,
     "instance_group": {"name": None, "kind": None, "count": None, "gpus": None},
     "default_model_filename": None,
+    "model_warmup": None,  # runtime/warmup.py
     # `decoupled: false` is what pipeserve does; `decoupled: true` (nothing inside is honoured)
     # is refused.
     "model_transaction_policy": {},
