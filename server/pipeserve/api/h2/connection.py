@@ -14,6 +14,10 @@ they arrive; streaming calls credit a message back only when the handler consume
 what pushes back on a client that sends faster than the server works.
 Sending: the peer's windows are honoured; what does not fit waits on the stream until
 WINDOW_UPDATE, and the trailers wait behind it.
+
+What the peer sends is checked against RFC 9113 (stream states, frame sizes, the windows
+advertised, header validation) by the functions of `rules`, called from the frame handlers
+below; what they raise becomes GOAWAY (`ConnectionError_`) or RST_STREAM (`rules.StreamError`).
 """
 
 from __future__ import annotations
@@ -66,7 +70,10 @@ class CallSink(Protocol):
 
 
 class Endpoint(Protocol):
-    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink: ...
+    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink:
+        """Called with a validated request header block; may raise `rules.StreamError` to have
+        the stream reset instead of answered."""
+        ...
 
     def connection_closed(self, connection: Connection) -> None: ...
 
