@@ -31,10 +31,10 @@ import numpy as np
 
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
+from pipeserve.partition.partitioner import PROFILED_UNIT, Plan, partition_model
 from pipeserve.progress import LoadProgress
-from pipeserve.runtime.partition import PROFILED_UNIT, Plan, partition_model
-from pipeserve.runtime.pipeline_config import PipelineConfig, parse_pipeline_config
-from pipeserve.runtime.pipeline_stage import StageRunner, to_numpy
+from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
+from pipeserve.runtime.pipeline.stage import StageRunner, to_numpy
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeserve.errors import ModelLoadError, PipeserveError
 from pipeserve.progress import PhaseProgress, ProgressCallback
-from pipeserve.runtime.external_data import (
+from pipeserve.weights.external_data import (
     Prepacked,
     PrepackedBlob,
     external_ref,
@@ -43,7 +43,7 @@ from pipeserve.runtime.external_data import (
     iter_initializers,
     set_external,
 )
-from pipeserve.runtime.pack_index import (
+from pipeserve.weights.pack_index import (
     BlobEntry,
     OptimizedGraph,
     PackIndex,
