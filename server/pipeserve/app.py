@@ -28,6 +28,7 @@ from pipeserve.metrics.http import MetricsServer, start_metrics_server
 from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
 from pipeserve.repository.control import ModelControl
+from pipeserve.runtime import devices
 from pipeserve.serving.dataplane import DataPlane
 from pipeserve.serving.state import ServerState
 from pipeserve.settings import Settings
@@ -115,6 +116,8 @@ class App:
             f"{s.host}:{self.metrics_port}" if s.metrics else "off",
             f"{s.host}:{self.http.port}" if self.http is not None else "off",
         )
+        # Once, before any model loads: which providers exist (each load says its device).
+        log.info("%s", devices.describe())
         await self.control.start()
         self.state.set_ready(True)
         log.info("pipeserve ready: models %s", self.registry.model_names())

@@ -94,12 +94,12 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             f"'{folder}'"
         )
     # Triton completes one config per model, from the newest version's graph.
-    selected_by_raw_policy = select_versions(given, sorted(found))
+    selected_by_raw_policy = select_versions(given, sorted(found), name)
     newest = max(selected_by_raw_policy)
     graph = read_graph_io(found[newest])
     config = complete_config(given, name, graph)
     validate_config(config, graph)
-    versions_to_load = select_versions(config, sorted(found))
+    versions_to_load = select_versions(config, sorted(found), name)
     parameters = {k: v.string_value for k, v in config.parameters.items()}
     plan = plan_instances(
         [
