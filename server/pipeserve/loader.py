@@ -121,6 +121,7 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             batching = batching_policy(config, spec)  # a bad section fails before any session
             sink = StageSink()
             progress = LoadProgress(name, version, log)
+            progress.announce(_model_bytes(model_file(path)))
             # A model with pipeline parameters runs as stages; any other as plain instances.
             pipeline = create_pipeline_runner(
                 model_file(path), parameters, spec, on_stage=sink, progress=progress
@@ -142,6 +143,11 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             v.runner.close()
         raise
     return LoadedModel(config, loaded)
+
+
+def _model_bytes(graph: Path) -> int:
+    """Bytes of the files beside the graph (itself, external weights, a pack's weights.bin)."""
+    return sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
 
 
 def check_name(name: str) -> None:

@@ -24,6 +24,8 @@ ProgressCallback = Callable[[str, int, int, str], None]
 
 # Loads quicker than this log only their usual "ready" line.
 LOAD_LOG_AFTER_SECS = 3.0
+# A version whose model files are this big says when its load begins.
+LARGE_MODEL_BYTES = 1 << 30
 # Plain (non-terminal) output prints a line each time another tenth of a phase is done, once
 # the phase has run for PLAIN_AFTER_SECS (quick phases print only their "done" line).
 PLAIN_LINES = 10
@@ -158,6 +160,17 @@ class LoadProgress:
         self._after = after_secs
         self._clock = clock
         self._started = clock()
+
+    def announce(self, model_bytes: int, large_bytes: int = LARGE_MODEL_BYTES) -> None:
+        """Log the start of a big load (its per-step lines follow), so an operator knows why
+        READY takes a while; smaller loads stay quiet."""
+        if model_bytes >= large_bytes:
+            self._log.info(
+                "model '%s' v%d: loading %s of model files",
+                self._model,
+                self._version,
+                _amount(model_bytes),
+            )
 
     def step(self, what: str, done: int, total: int, detail: str) -> None:
         """`done` of `total` `what`s (instances, stages) are built; `detail` e.g. "on cpu"."""

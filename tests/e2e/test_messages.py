@@ -1,7 +1,7 @@
 """What the server says, read as a user reads it: the start-up log names the execution providers
-once and each model's device; a failed load names the model once, by its folder name even when
-config.pbtxt leaves `name` out; a JSON config override's errors name fields the way the config
-writes them (max_batch_size, not maxBatchSize)."""
+once and each model's device; a big load says when it begins; a failed load names the model
+once, by its folder name even when config.pbtxt leaves `name` out; a JSON config override's
+errors name fields the way the config writes them (max_batch_size, not maxBatchSize)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as om
 from tests.e2e.server import ServerProcess
+from tests.fixtures import graphs
 
 BAD_BATCH = 'name: "bad_batch"\nmax_batch_size: -1\n'
 # No `name`: the model is known only by its folder.
@@ -27,6 +28,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     om.write_model(root, "bad_batch", om.add_sub(), config=BAD_BATCH)
     om.write_model(root, "nameless", om.add_sub(), config=NAMELESS_MISSING_VERSION)
     om.write_model(root, "overridden", om.add_sub())
+    (root / "far" / "1").mkdir(parents=True)
+    graphs.far_external_weights(root / "far" / "1")  # a sparse 3 GiB weight file
     proc = ServerProcess(
         root,
         "--model-control-mode",
@@ -37,6 +40,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "bad_batch",
         "--load-model",
         "nameless",
+        "--load-model",
+        "far",
     ).wait_ready()
     yield proc
     proc.stop()
@@ -56,6 +61,17 @@ def test_start_log_names_the_providers_once_and_each_models_device(server: Serve
         "every model instance runs on the CPU" in providers[0] or "CUDA device(s)" in providers[0]
     )
     assert any("model 'good': 1 instance(s) on " in line for line in server.lines)
+
+
+def test_a_big_load_says_when_it_begins(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
+    lines = server.lines
+    begins = [i for i, line in enumerate(lines) if "model 'far' v1: loading 3.0 GiB" in line]
+    ready = [i for i, line in enumerate(lines) if "model 'far' ready" in line]
+    assert len(begins) == 1 and len(ready) == 1 and begins[0] < ready[0], server.output()
+    assert not any("model 'good' v1: loading" in line for line in lines)  # small: quiet
+    assert client.is_model_ready("far")
 
 
 def test_a_failed_load_names_the_model_once(

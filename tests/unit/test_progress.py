@@ -86,3 +86,12 @@ def test_load_progress_is_quiet_for_quick_loads_then_logs_each_step(
         "model 'big' v2: instance 2 of 3 built on cpu, 5.5 s into the load",
         "model 'big' v2: instance 3 of 3 built on cuda:0, 7.5 s into the load",
     ]
+
+
+def test_load_progress_announces_only_big_loads(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test_progress")
+    progress = LoadProgress("big", 1, log, clock=Clock())
+    with caplog.at_level(logging.INFO, logger="test_progress"):
+        progress.announce(5 << 20, large_bytes=1 << 30)
+        progress.announce(3 << 30, large_bytes=1 << 30)
+    assert caplog.messages == ["model 'big' v1: loading 3.0 GiB of model files"]
