@@ -118,7 +118,7 @@ class PhaseProgress:
         elapsed = self._clock() - self._started
         share = f"{done / self._total:.0%}" if self._total else "100%"
         if self._unit == "B":
-            amount = f"{_amount(done)} of {_amount(self._total)}"
+            amount = f"{format_bytes(done)} of {format_bytes(self._total)}"
         else:
             amount = f"{done} of {self._total} {self._unit}{'' if self._total == 1 else 's'}"
         state = "done" if finished else share
@@ -129,7 +129,8 @@ class PhaseProgress:
         )
 
 
-def _amount(n: int) -> str:
+def format_bytes(n: float) -> str:
+    """`n` bytes for people: "512 B", "1.5 KiB", ... "3.0 GiB"."""
     value = float(n)
     for name in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or name == "GiB":
@@ -169,7 +170,7 @@ class LoadProgress:
                 "model '%s' v%d: loading %s of model files",
                 self._model,
                 self._version,
-                _amount(model_bytes),
+                format_bytes(model_bytes),
             )
 
     def step(self, what: str, done: int, total: int, detail: str) -> None:

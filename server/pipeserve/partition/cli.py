@@ -23,7 +23,7 @@ from typing import Any
 from pipeserve.errors import PipeserveError
 from pipeserve.partition.cost import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
 from pipeserve.partition.partitioner import PROFILED_UNIT, Plan, partition_model
-from pipeserve.progress import PhaseProgress
+from pipeserve.progress import PhaseProgress, format_bytes
 
 
 def add_split_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -155,14 +155,14 @@ def format_plan(plan: Plan, path: Path) -> str:
     for s in plan.stages:
         lines.append(
             f"{s.index:>5}  {len(s.nodes):>6}  {len(s.recomputed):>10}  "
-            f"{_bytes(s.weight_bytes):>10}  {s.est_cost:>12.1f}  {s.est_cost / total:>5.0%}  "
+            f"{format_bytes(s.weight_bytes):>10}  {s.est_cost:>12.1f}  {s.est_cost / total:>5.0%}  "
             f"{s.nodes[0]} .. {s.nodes[-1]}"
         )
     lines.append("")
     for c in plan.cuts:
         lines.append(
             f"cut after stage {c.after_stage}: {len(c.tensors)} tensor(s), "
-            f"~{_bytes(c.est_bytes)} at the hinted input sizes"
+            f"~{format_bytes(c.est_bytes)} at the hinted input sizes"
         )
         lines.extend(f"    {name}" for name in c.tensors)
     return "\n".join(lines)
@@ -179,14 +179,6 @@ def cost_note(cost_unit: str) -> str:
         "note: a served model measures node costs at load unless its config sets "
         "pipeline_cost to estimate; --cost auto shows such a plan"
     )
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
