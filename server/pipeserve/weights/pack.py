@@ -235,23 +235,30 @@ def _write_portable(
     inline = 0
     total = sum(_stored_bytes(t) for t in iter_initializers(model))
     done = 0
+
+    def report(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if on_progress is not None:
+            on_progress("weights", min(done, total), total, "B")
+
     for tensor in iter_initializers(model):
         if tensor.data_type == TensorProto.STRING:
             inline += 1  # strings have no raw layout; they stay in the graph
             continue
         external = is_external(tensor)
         view = source.view(tensor) if external else memoryview(_raw_bytes(tensor))
-        done += len(view)
-        if on_progress is not None:
-            on_progress("weights", min(done, total), total, "B")
         if len(view) < inline_below:
             if external:
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
                 tensor.raw_data = bytes(view)
             inline += 1
+            report(len(view))
             continue
-        crc = crc32_of(view)
+        # Reading the source (the checksum's pass) is the slow part of a cold multi-GB tensor:
+        # progress advances per chunk of it, not per tensor.
+        crc = crc32_of(view, on_chunk=report)
         offset = writer.write(view, crc)
         set_external(tensor, WEIGHT_FILE_NAME, offset, len(view))
         entries.append(_entry(tensor, offset, len(view), crc))
