@@ -439,12 +439,16 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(
                 f.PROTOCOL_ERROR, f"{rules.frame_name(kind)} where CONTINUATION was expected"
             )
+        if kind == f.DATA or kind == f.HEADERS:  # the hot path: one check, the rest is below
+            if stream_id == 0:
+                rules.check_frame(kind, flags, stream_id, len(payload))
+            if kind == f.DATA:
+                self._data(flags, stream_id, payload)
+            else:
+                self._headers(flags, stream_id, payload)
+            return
         rules.check_frame(kind, flags, stream_id, len(payload))
-        if kind == f.DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == f.HEADERS:
-            self._headers(flags, stream_id, payload)
-        elif kind == f.CONTINUATION:
+        if kind == f.CONTINUATION:
             self._continue(flags, stream_id, payload)
         elif kind == f.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
@@ -539,7 +543,8 @@ class Connection(asyncio.Protocol):
         self.last_stream_id = stream_id
         # Decoded before anything can refuse the stream: the HPACK table must stay in step.
         headers = self._request(stream_id, block)
-        rules.check_dependency(stream_id, depends_on)
+        if depends_on == stream_id:
+            rules.check_dependency(stream_id, depends_on)
         if self.going_away or len(self.streams) >= MAX_CONCURRENT:
             self._out.append(f.rst_stream(stream_id, f.REFUSED_STREAM))
             self.closed_streams.add(stream_id, rules.RESET_BY_US)
