@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)
 
 
 class StatsService(EchoService):
-    """EchoService plus Stats: calls, connections and in-flight request bytes of the server."""
+    """EchoService plus Stats (calls, connections and in-flight request bytes of the server),
+    Trim (see there) and Size (the request's length)."""
 
     def __init__(self, server: H2Server) -> None:
         super().__init__()
@@ -51,9 +52,12 @@ class StatsService(EchoService):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         return b""
 
+    async def size(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+        return str(len(request)).encode()
+
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         out = super().handlers()
-        for name, method in (("Stats", self.stats), ("Trim", self.trim)):
+        for name, method in (("Stats", self.stats), ("Trim", self.trim), ("Size", self.size)):
             out[name] = grpc.unary_unary_rpc_method_handler(
                 method, request_deserializer=bytes, response_serializer=bytes
             )

@@ -453,19 +453,33 @@ class Connection(asyncio.Protocol):
         if not self.streams:
             self._close_soon()
 
-    def abort(self, code: int, message: str) -> None:
+    def abort(self, code: int, message: str, linger: bool = True) -> None:
+        """GOAWAY with `code`, every stream dropped. With `linger` the socket is half-closed
+        and its input read and discarded for up to _LINGER seconds: closing it with unread
+        input would make the kernel reset the connection, and the reset can destroy the GOAWAY
+        before the peer reads it. Without (server stop), it closes once the output is out."""
+        transport = self.transport
         if self.closed:
+            if not linger and transport is not None:
+                transport.close()  # ends a lingering close now
             return
         self._out.append(f.goaway(self.last_stream_id, code, message.encode()[:256]))
         self._flush()
         self.closed = True
         for stream in list(self.streams.values()):
             stream.abandon()
-        if self.transport is not None:
-            self.transport.close()
-            if self.transport.get_write_buffer_size():
-                # A peer that does not read would hold the socket open for ever.
-                self._loop.call_later(_LINGER, self.transport.abort)
+        if transport is None:
+            return
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            if self._write_paused:
+                transport.resume_reading()
+            self._loop.call_later(_LINGER, transport.abort)
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A peer that does not read would hold the socket open for ever.
+            self._loop.call_later(_LINGER, transport.abort)
 
     def stream_finished(self, answered: bool) -> None:
         if answered and self._reset_tokens < self.limits.reset_burst:

@@ -127,7 +127,7 @@ class H2Server:
             call.cancel(_SHUTDOWN)
         await asyncio.sleep(0)  # the cancelled handlers write their status
         for connection in list(self._connections):
-            connection.abort(f.NO_ERROR, "server stopped")
+            connection.abort(f.NO_ERROR, "server stopped", linger=False)
 
     # ---- Endpoint (used by connections) ---------------------------------------------------------
 
