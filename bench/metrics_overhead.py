@@ -41,8 +41,8 @@ import onnx
 from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pipeserve.metrics import LATENCY_BOUNDS_NS, ServerMetrics
-from pipeserve.metrics_http import render_metrics
+from pipeserve.metrics.http import render_metrics
+from pipeserve.metrics.recorder import LATENCY_BOUNDS_NS, ServerMetrics
 from pipeserve.observers import ExecutionTimings, FanOut
 from pipeserve.statistics import ModelStats
 

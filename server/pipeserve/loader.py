@@ -28,7 +28,7 @@ from pipeserve.repository.config import (
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.runtime.instances import create_instances, plan_instances
-from pipeserve.runtime.pipeline import create_pipeline_runner
+from pipeserve.runtime.pipeline.executor import create_pipeline_runner
 
 
 class StageSink:
