@@ -241,12 +241,19 @@ class Call:
         if not self._size_ok(data):
             return
         size = int.from_bytes(data[1:_PREFIX], "big")
+        if len(data) < _PREFIX + size:
+            self.finish(
+                grpc.StatusCode.INTERNAL,
+                f"request ended inside its message (the prefix declares {size} bytes, "
+                f"{len(data) - _PREFIX} came)",
+            )
+            return
         if len(data) != _PREFIX + size:
             self.finish(grpc.StatusCode.INTERNAL, _one_message(len(data), _PREFIX + size))
             return
         body: bytes | memoryview = data[_PREFIX:]
         if data[0]:
-            inflation = self._inflation(data[_PREFIX:])
+            inflation = self._inflation(data[0], data[_PREFIX:])
             if inflation is None:
                 return
             if not self._inflate(inflation, _INLINE_INFLATE):
@@ -281,7 +288,10 @@ class Call:
 
     # ---- compressed messages --------------------------------------------------------------
 
-    def _inflation(self, body: memoryview) -> _Inflation | None:
+    def _inflation(self, flag: int, body: memoryview) -> _Inflation | None:
+        if flag != 1:
+            self._fail(grpc.StatusCode.INTERNAL, f"bad compressed flag {flag} (0 or 1)")
+            return None
         if self.wbits is None:
             self._fail(grpc.StatusCode.INTERNAL, "compressed message without a grpc-encoding")
             return None
@@ -347,7 +357,7 @@ class Call:
                 break
             message: bytes | _Inflation
             if buffer[0]:
-                inflation = self._inflation(memoryview(buffer)[_PREFIX : _PREFIX + size])
+                inflation = self._inflation(buffer[0], memoryview(buffer)[_PREFIX : _PREFIX + size])
                 if inflation is None or not self._inflate(inflation, _INLINE_INFLATE):
                     return
                 if inflation.finished:
@@ -560,8 +570,11 @@ class _Inflation:
                 )
             if piece:
                 self.parts.append(piece)
-            if inflater.eof or (not self.tail and len(piece) < want):
+            if inflater.eof:
                 self.finished = True
+            elif not self.tail and len(piece) < want:
+                # zlib returns what it could of a cut stream without an error
+                raise _InflateError(grpc.StatusCode.INTERNAL, "the compressed message is truncated")
 
     def result(self) -> bytes:
         parts, self.parts = self.parts, []
