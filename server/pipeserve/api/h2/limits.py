@@ -1,0 +1,77 @@
+"""What one peer, and all peers together, can make the own HTTP/2 transport hold or do.
+
+One frozen `H2Limits` is given to `H2Server`; every connection and call reads its bounds from it.
+The defaults follow grpc-core and nghttp2 where they have one (named per field), so a client that
+works against either works here. docs/operations.md lists each limit with its server flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class H2Limits:
+    # ---- per connection: streams, headers, output ---------------------------------------------
+    # Advertised as SETTINGS_MAX_CONCURRENT_STREAMS; a stream past it gets RST_STREAM
+    # REFUSED_STREAM (grpc-go and nghttp2 advertise 100, grpc-core leaves it open).
+    max_concurrent_streams: int = 256
+    # Advertised as SETTINGS_MAX_HEADER_LIST_SIZE; an encoded header block (HEADERS plus its
+    # CONTINUATION frames) longer than it ends the connection with ENHANCE_YOUR_CALM before it
+    # is decoded (grpc-core's hard metadata limit is 16 KiB).
+    max_header_list_bytes: int = 16 << 10
+    # CONTINUATION frames one header block may take (nghttp2: 8).
+    max_continuations: int = 8
+    # Response bytes a connection may hold because the peer's flow-control windows are shut.
+    # While over it, new streams on that connection get REFUSED_STREAM (reading goes on: the
+    # WINDOW_UPDATE that releases them has to be read).
+    max_held_output_bytes: int = 16 << 20
+    # Control answers (PING/SETTINGS ACKs, RST_STREAM) queued for a peer that does not read
+    # them; past it the connection is closed with ENHANCE_YOUR_CALM (nghttp2: 1000).
+    max_owed_control_frames: int = 1000
+
+    # ---- server-wide ----------------------------------------------------------------------------
+    # Open connections; one more is closed as soon as it is accepted.
+    max_connections: int = 1024
+    # Request bytes received (and inflated) by calls that have not finished, all connections
+    # together; a new message past it is answered RESOURCE_EXHAUSTED at once.
+    max_inflight_request_bytes: int = 4 << 30
+
+    # ---- timeouts (seconds; 0 turns one off) ----------------------------------------------------
+    # A connection that has not sent the HTTP/2 preface by then is closed.
+    preface_timeout_s: float = 10.0
+    # A connection without streams for this long gets GOAWAY and is closed (grpc-core's
+    # max_connection_idle; off there by default).
+    idle_timeout_s: float = 300.0
+    # With nothing read for this long the server pings; no answer within keepalive_timeout_s
+    # closes the connection (grpc-core: 2 hours and 20 seconds).
+    keepalive_time_s: float = 7200.0
+    keepalive_timeout_s: float = 20.0
+
+    # ---- floods (grpc-core's ping policy, nghttp2's reset rate) ---------------------------------
+    # A client PING sooner than this after the previous one, with no response data sent in
+    # between, is a strike (grpc-core: 5 minutes; 2 hours while the connection has no
+    # streams); more than max_ping_strikes strikes: GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+    min_ping_interval_s: float = 300.0
+    max_ping_strikes: int = 2
+    # Streams the client may reset before they are answered: a bucket of reset_burst tokens,
+    # refilled at reset_rate per second and by one per stream answered; empty: GOAWAY
+    # ENHANCE_YOUR_CALM (nghttp2: 1000 and 33/s).
+    reset_burst: int = 1000
+    reset_rate: float = 33.0
+    # Frames per second that cost work and carry no request: SETTINGS, PING, and empty frames
+    # (DATA, HEADERS or CONTINUATION with no payload that end nothing, PRIORITY, unknown types).
+    # Past one: GOAWAY ENHANCE_YOUR_CALM.
+    max_settings_per_second: int = 100
+    max_pings_per_second: int = 1000
+    max_empty_frames_per_second: int = 1000
+    # Entries one SETTINGS frame may carry (nghttp2: 32).
+    max_settings_entries: int = 32
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value < 0 or (value == 0 and not field.name.endswith("_s")):
+                raise ValueError(f"H2Limits.{field.name} must be > 0 (got {value})")
+        if self.max_concurrent_streams > 2**31 - 1:
+            raise ValueError("H2Limits.max_concurrent_streams must fit 31 bits")
