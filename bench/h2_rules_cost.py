@@ -31,6 +31,13 @@ SERVERS = ("before", "after")
 HERE = Path(__file__).resolve().parent.parent
 
 
+def _command(repo: Path, src: Path) -> list[str]:
+    """serve_command, less --no-http for a checkout from before the HTTP endpoint."""
+    settings = (src / "server" / "pipeserve" / "settings.py").read_text()
+    has_http = '"--no-http"' in settings
+    return [arg for arg in serve_command(repo) if arg != "--no-http" or has_http]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before-src", type=Path, required=True, help="checkout with server/")
@@ -51,7 +58,7 @@ def main() -> None:
             src = src.resolve()
             env = dict(os.environ, PYTHONPATH=str(src / "server"))
             servers[name] = stack.enter_context(
-                started(serve_command(repo), "pipeserve ready", r"grpc=\S+:(\d+)", env)
+                started(_command(repo, src), "pipeserve ready", r"grpc=\S+:(\d+)", env)
             )
         results: list[dict] = []
         for r in range(args.rounds):
