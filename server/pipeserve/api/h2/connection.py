@@ -718,14 +718,18 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(
                 f.PROTOCOL_ERROR, f"{rules.frame_name(kind)} where CONTINUATION was expected"
             )
-        rules.check_frame(kind, flags, stream_id, len(payload))
-        if kind == f.DATA:
+        if kind == f.DATA or kind == f.HEADERS:  # the hot path: one check, the rest is below
+            if stream_id == 0:
+                rules.check_frame(kind, flags, stream_id, len(payload))
+            if kind == f.HEADERS:
+                self._headers(flags, stream_id, payload)
+                return
             if not payload and not flags & f.END_STREAM:
                 self._rate("empty", self.limits.max_empty_frames_per_second)
             self._data(flags, stream_id, payload)
-        elif kind == f.HEADERS:
-            self._headers(flags, stream_id, payload)
-        elif kind == f.CONTINUATION:
+            return
+        rules.check_frame(kind, flags, stream_id, len(payload))
+        if kind == f.CONTINUATION:
             self._continue(flags, stream_id, payload)
         elif kind == f.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
@@ -850,7 +854,8 @@ class Connection(asyncio.Protocol):
         self.last_stream_id = stream_id
         # Decoded before anything can refuse the stream: the HPACK table must stay in step.
         headers = self._request(stream_id, block)
-        rules.check_dependency(stream_id, depends_on)
+        if depends_on == stream_id:
+            rules.check_dependency(stream_id, depends_on)
         if (
             self.going_away
             or len(self.streams) >= self.limits.max_concurrent_streams
