@@ -139,6 +139,11 @@ class Settings:
         "request bytes held by calls in progress, server-wide; a request past it gets "
         "RESOURCE_EXHAUSTED at once",
     )
+    grpc_max_decompressed_bytes: int = option(
+        256 << 20,
+        "size a compressed request may inflate to (checked while inflating); more: "
+        "RESOURCE_EXHAUSTED",
+    )
     grpc_preface_timeout_secs: float = option(
         10.0, "seconds a new connection has to send the HTTP/2 preface (both; 0: no limit)"
     )
@@ -249,6 +254,7 @@ _TRANSPORT_LIMITS = (
     "grpc_max_owed_control_frames",
     "grpc_max_connections",
     "grpc_max_inflight_request_bytes",
+    "grpc_max_decompressed_bytes",
     "grpc_preface_timeout_secs",
     "grpc_idle_timeout_secs",
     "grpc_keepalive_time_secs",

@@ -40,6 +40,10 @@ class H2Limits:
     # Request bytes received (and inflated) by calls that have not finished, all connections
     # together; a new message past it is answered RESOURCE_EXHAUSTED at once.
     max_inflight_request_bytes: int = 4 << 30
+    # A compressed message may inflate to this many bytes (and to no more than the message
+    # limit, nor than what the in-flight limit has left); it is checked at each 1 MiB step of
+    # the inflation, so a bomb never grows past it.
+    max_decompressed_bytes: int = 256 << 20
 
     # ---- timeouts (seconds; 0 turns one off) ----------------------------------------------------
     # A connection that has not sent the HTTP/2 preface by then is closed.

@@ -65,7 +65,12 @@ def _is_grpc(content_type: bytes) -> bool:
 class H2Server:
     def __init__(self, max_receive: int, max_send: int, limits: H2Limits | None = None) -> None:
         self.limits = limits or H2Limits()
-        self._limits = Limits(max_receive, max_send, self.limits.max_inflight_request_bytes)
+        self._limits = Limits(
+            max_receive,
+            max_send,
+            self.limits.max_inflight_request_bytes,
+            self.limits.max_decompressed_bytes,
+        )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
