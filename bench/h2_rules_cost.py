@@ -45,8 +45,11 @@ def main() -> None:
         servers = {}
         for name, src in (("before", args.before_src.resolve()), ("after", HERE)):
             env = dict(os.environ, PYTHONPATH=str(src / "server"))
+            command = serve_command(repo)
+            if not (src / "server" / "pipeserve" / "api" / "http").is_dir():
+                command.remove("--no-http")  # a checkout from before the HTTP front end
             servers[name] = stack.enter_context(
-                started(serve_command(repo), "pipeserve ready", r"grpc=\S+:(\d+)", env)
+                started(command, "pipeserve ready", r"grpc=\S+:(\d+)", env)
             )
         results: list[dict] = []
         for r in range(args.rounds):
