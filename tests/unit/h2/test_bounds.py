@@ -6,7 +6,6 @@ well-behaved grpc C-core client still served; memory cases read the server's RSS
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import zlib
 
 import grpc
@@ -19,8 +18,10 @@ from tests.unit.h2.hostile import (
     RawClient,
     echo,
     ending,
+    limits,
     message,
     rss_settled,
+    run,
     serving,
     settle,
     stats,
@@ -29,14 +30,6 @@ from tests.unit.h2.hostile import (
 
 MiB = 1 << 20
 OWN = 5  # in-flight bytes of the Stats call itself: its empty message's prefix
-
-
-def limits(**changes: object) -> H2Limits:
-    return dataclasses.replace(H2Limits(), **changes)  # type: ignore[arg-type]
-
-
-def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def server_settings(frames: list[tuple[int, int, int, bytes]]) -> dict[int, int]:
