@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService
+from pipeserve.api.h2.limits import grpcio_limit_options, h2_limits
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
 from pipeserve.api.http.routes import Router
@@ -54,13 +55,14 @@ class App:
         self.data_plane = DataPlane(self.registry, self.control, self.state, limit)
         self.server: H2Server | grpc.aio.Server
         if settings.grpc_frontend == "asyncio":
-            self.server = H2Server(max_receive=limit, max_send=limit)
+            self.server = H2Server(max_receive=limit, max_send=limit, limits=h2_limits(settings))
         else:
             self.server = grpc.aio.server(
                 options=[
                     ("grpc.max_receive_message_length", limit),
                     ("grpc.max_send_message_length", limit),
                     ("grpc.so_reuseport", 0),
+                    *grpcio_limit_options(settings),
                 ]
             )
         grpc_service.add_to_server(InferenceService(self.data_plane), self.server)

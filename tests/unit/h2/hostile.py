@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import asdict
+from typing import Any
 
 import grpc
 
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.limits import H2Limits
 from pipeserve.api.h2.server import H2Server
-from tests.unit.h2_driver import SERVICE, EchoService, RawClient, message
+from tests.unit.h2_driver import SERVICE, EchoService, RawClient, channel, message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
@@ -86,14 +88,13 @@ async def serving(
         await server.stop(0)
 
 
-def channel(port: int) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ],
-    )
+def limits(**changes: object) -> H2Limits:
+    """The default limits with `changes`."""
+    return dataclasses.replace(H2Limits(), **changes)  # type: ignore[arg-type]
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 60) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def echo(port: int, payload: bytes = b"still answered", timeout: float = 10) -> bytes:
@@ -215,4 +216,4 @@ async def rss_settled(server: Subprocess, port: int) -> int:
     return server.rss()
 
 
-__all__ = ["RawClient", "message", "SERVICE"]
+__all__ = ["RawClient", "SERVICE", "channel", "message"]

@@ -6,7 +6,6 @@ well-behaved grpc C-core client still served; memory cases read the server's RSS
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import zlib
 
 import grpc
@@ -19,8 +18,10 @@ from tests.unit.h2.hostile import (
     RawClient,
     echo,
     ending,
+    limits,
     message,
     rss_settled,
+    run,
     serving,
     settle,
     stats,
@@ -29,14 +30,6 @@ from tests.unit.h2.hostile import (
 
 MiB = 1 << 20
 OWN = 5  # in-flight bytes of the Stats call itself: its empty message's prefix
-
-
-def limits(**changes: object) -> H2Limits:
-    return dataclasses.replace(H2Limits(), **changes)  # type: ignore[arg-type]
-
-
-def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def server_settings(frames: list[tuple[int, int, int, bytes]]) -> dict[int, int]:
@@ -309,3 +302,25 @@ def test_limits_reject_nonsense() -> None:
     with pytest.raises(ValueError, match="idle_timeout_s"):
         H2Limits(idle_timeout_s=-1)
     assert H2Limits(idle_timeout_s=0).idle_timeout_s == 0  # timeouts may be turned off
+
+
+def test_decompressed_size_has_its_own_limit_below_the_message_limit() -> None:
+    async def main() -> None:
+        async with serving(limits(max_decompressed_bytes=2 * MiB)) as (_, _, port):
+            client = await RawClient.connect(port)
+            over = _gzip_of_zeros(3 * MiB)
+            client.call(1, "Size", message(over, compressed=True), {"grpc-encoding": "gzip"})
+            response = await client.response(1)
+            assert response.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert f"more than {2 * MiB} bytes once decompressed" in response.message
+            # Uncompressed, 3 MiB is only held to the message limit (64 MiB here).
+            client.send(f.HEADERS, f.END_HEADERS, 3, client.request_headers("Size"))
+            body = message(bytes(3 * MiB))
+            for at in range(0, len(body), 512 << 10):
+                last = at + (512 << 10) >= len(body)
+                client.send(f.DATA, f.END_STREAM if last else 0, 3, body[at : at + (512 << 10)])
+            assert (await client.response(3)).messages() == [str(3 * MiB).encode()]
+            await client.close()
+            assert (await settle(port))["inflight"] == OWN
+
+    run(main())

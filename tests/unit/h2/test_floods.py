@@ -6,7 +6,6 @@ grpc C-core client still served, and (rapid reset) the server's memory back wher
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.limits import H2Limits
@@ -14,8 +13,10 @@ from tests.unit.h2.hostile import (
     RawClient,
     echo,
     ending,
+    limits,
     message,
     rss_settled,
+    run,
     serving,
     settle,
     subprocess_server,
@@ -23,14 +24,6 @@ from tests.unit.h2.hostile import (
 
 MiB = 1 << 20
 CANCEL = f.CANCEL.to_bytes(4, "big")
-
-
-def limits(**changes: object) -> H2Limits:
-    return dataclasses.replace(H2Limits(), **changes)  # type: ignore[arg-type]
-
-
-def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def rapid_resets(client: RawClient, count: int, first: int = 1) -> bytes:

@@ -5,21 +5,21 @@ asserts what the server does, with generous margins, never how fast."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import grpc
 
 from pipeserve.api.h2 import frames as f
-from pipeserve.api.h2.limits import H2Limits
-from tests.unit.h2.hostile import SERVICE, RawClient, channel, echo, ending, message, serving
-
-
-def limits(**changes: object) -> H2Limits:
-    return dataclasses.replace(H2Limits(), **changes)  # type: ignore[arg-type]
-
-
-def run(coro) -> None:  # type: ignore[no-untyped-def]
-    asyncio.run(asyncio.wait_for(coro, 60))
+from tests.unit.h2.hostile import (
+    SERVICE,
+    RawClient,
+    channel,
+    echo,
+    ending,
+    limits,
+    message,
+    run,
+    serving,
+)
 
 
 def test_a_connection_without_preface_is_closed() -> None:

@@ -100,12 +100,19 @@ class Limits:
     """Message size limits, and the request bytes held by unfinished calls server-wide (one
     object shared by every call: the event loop is its only user)."""
 
-    __slots__ = ("max_receive", "max_send", "max_inflight", "inflight")
+    __slots__ = ("max_receive", "max_send", "max_inflight", "max_inflate", "inflight")
 
-    def __init__(self, max_receive: int, max_send: int, max_inflight: int = 1 << 62) -> None:
+    def __init__(
+        self,
+        max_receive: int,
+        max_send: int,
+        max_inflight: int = 1 << 62,
+        max_inflate: int = 1 << 62,
+    ) -> None:
         self.max_receive = max_receive
         self.max_send = max_send
         self.max_inflight = max_inflight
+        self.max_inflate = max_inflate
         self.inflight = 0
 
 
@@ -295,7 +302,9 @@ class Call:
         if self.wbits is None:
             self._fail(grpc.StatusCode.INTERNAL, "compressed message without a grpc-encoding")
             return None
-        return _Inflation(self.wbits, bytes(body), self.limits.max_receive)
+        limits = self.limits
+        cap = min(limits.max_receive, limits.max_inflate, limits.max_inflight - limits.inflight)
+        return _Inflation(self.wbits, bytes(body), max(cap, 0))
 
     def _inflate(self, inflation: _Inflation, budget: int) -> bool:
         """Runs `inflation` on the loop for up to `budget` bytes; False when it failed (and
@@ -315,11 +324,25 @@ class Call:
             return None
         return message
 
+    async def _inflate_off_loop(self, inflation: _Inflation) -> None:
+        """Inflates the rest of `inflation` on a worker thread. What it may still grow to is
+        reserved in the in-flight budget meanwhile, so big inflations running at once stay
+        within that budget together (the worker cannot count as it goes: the loop owns it)."""
+        limits = self.limits
+        room = max(limits.max_inflight - limits.inflight, 0)
+        inflation.cap = min(inflation.cap, inflation.total + room)
+        reserved = inflation.cap - inflation.total
+        limits.inflight += reserved
+        self.charged += reserved
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, inflation.run, inflation.cap + 1)
+        finally:
+            self._uncharge(reserved)
+
     async def _run_inflated(self, inflation: _Inflation) -> None:
         self.started = True
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, inflation.run, inflation.cap + 1)
+            await self._inflate_off_loop(inflation)
         except asyncio.CancelledError:
             inflation.cancelled = True  # the worker stops at its next step
             self._end_cancelled()
@@ -381,12 +404,11 @@ class Call:
     async def _requests(self) -> AsyncIterator[Any]:
         assert self.messages is not None
         deserialize = self.method.request_deserializer
-        loop = asyncio.get_running_loop()
         while (message := await self.messages.get()) is not None:
             if isinstance(message, _Inflation):
                 self.queued -= len(message.source) + _PREFIX
                 try:
-                    await loop.run_in_executor(None, message.run, message.cap + 1)
+                    await self._inflate_off_loop(message)
                 except asyncio.CancelledError:
                     message.cancelled = True
                     raise
@@ -566,7 +588,8 @@ class _Inflation:
                 raise _InflateError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"Received message larger than max (more than {self.cap} bytes once "
-                    "decompressed)",
+                    "decompressed: the message or decompression limit, or what the server's "
+                    "in-flight limit had left)",
                 )
             if piece:
                 self.parts.append(piece)

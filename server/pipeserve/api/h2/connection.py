@@ -536,6 +536,8 @@ class Connection(asyncio.Protocol):
             if limits.idle_timeout_s:
                 start = self._idle_since if not self.streams else now
                 due.append(start + limits.idle_timeout_s)
+            if limits.max_connection_age_s and not self.going_away:
+                due.append(self._made_at + limits.max_connection_age_s)
             if self._ping_due is not None:
                 due.append(self._ping_due)
             elif limits.keepalive_time_s:
@@ -557,6 +559,13 @@ class Connection(asyncio.Protocol):
             if self._ping_due is not None and now >= self._ping_due:
                 self._drop(f"keepalive PING unanswered for {limits.keepalive_timeout_s:g}s")
                 return
+            if (
+                limits.max_connection_age_s
+                and not self.going_away
+                and now >= self._made_at + limits.max_connection_age_s
+            ):
+                log.debug("HTTP/2 connection older than %gs: GOAWAY", limits.max_connection_age_s)
+                self.goaway()
             if (
                 limits.idle_timeout_s
                 and not self.streams

@@ -2,12 +2,16 @@
 
 One frozen `H2Limits` is given to `H2Server`; every connection and call reads its bounds from it.
 The defaults follow grpc-core and nghttp2 where they have one (named per field), so a client that
-works against either works here. docs/operations.md lists each limit with its server flag.
+works against either works here. docs/operations.md lists each limit with its server flag;
+`h2_limits` builds one from the settings, `grpcio_limit_options` gives grpc.aio the same limits
+where grpc-core has an option for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+
+from pipeserve.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,10 @@ class H2Limits:
     # Request bytes received (and inflated) by calls that have not finished, all connections
     # together; a new message past it is answered RESOURCE_EXHAUSTED at once.
     max_inflight_request_bytes: int = 4 << 30
+    # A compressed message may inflate to this many bytes (and to no more than the message
+    # limit, nor than what the in-flight limit has left); it is checked at each 1 MiB step of
+    # the inflation, so a bomb never grows past it.
+    max_decompressed_bytes: int = 256 << 20
 
     # ---- timeouts (seconds; 0 turns one off) ----------------------------------------------------
     # A connection that has not sent the HTTP/2 preface by then is closed.
@@ -47,6 +55,10 @@ class H2Limits:
     # closes the connection (grpc-core: 2 hours and 20 seconds).
     keepalive_time_s: float = 7200.0
     keepalive_timeout_s: float = 20.0
+    # A connection older than this gets GOAWAY (its calls finish; the client reconnects),
+    # which spreads clients over servers behind a balancer (grpc-core's max_connection_age;
+    # off by default, as there).
+    max_connection_age_s: float = 0.0
 
     # ---- floods (grpc-core's ping policy, nghttp2's reset rate) ---------------------------------
     # A client PING sooner than this after the previous one, with no response data sent in
@@ -75,3 +87,39 @@ class H2Limits:
                 raise ValueError(f"H2Limits.{field.name} must be > 0 (got {value})")
         if self.max_concurrent_streams > 2**31 - 1:
             raise ValueError("H2Limits.max_concurrent_streams must fit 31 bits")
+
+
+def h2_limits(settings: Settings) -> H2Limits:
+    """The own transport's limits from the settings: field `x` (or `x_s`) of H2Limits is
+    setting `grpc_x` (or `grpc_x_secs`)."""
+    values = {}
+    for name in H2Limits.__dataclass_fields__:
+        setting = "grpc_" + (name[:-2] + "_secs" if name.endswith("_s") else name)
+        values[name] = getattr(settings, setting)
+    return H2Limits(**values)
+
+
+def grpcio_limit_options(settings: Settings) -> list[tuple[str, int]]:
+    """The same limits for grpc.aio, where grpc-core has an option for them (0 = its default,
+    which is also off for the timeouts)."""
+    s = settings
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
+        ("grpc.max_concurrent_streams", s.grpc_max_concurrent_streams),
+        ("grpc.max_metadata_size", s.grpc_max_header_list_bytes),
+        ("grpc.http2.max_ping_strikes", s.grpc_max_ping_strikes),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(s.grpc_min_ping_interval_secs)),
+    ]
+    for key, seconds in (
+        ("grpc.server_handshake_timeout_ms", s.grpc_preface_timeout_secs),
+        ("grpc.max_connection_idle_ms", s.grpc_idle_timeout_secs),
+        ("grpc.keepalive_time_ms", s.grpc_keepalive_time_secs),
+        ("grpc.keepalive_timeout_ms", s.grpc_keepalive_timeout_secs),
+        ("grpc.max_connection_age_ms", s.grpc_max_connection_age_secs),
+    ):
+        if seconds:
+            options.append((key, ms(seconds)))
+    return options

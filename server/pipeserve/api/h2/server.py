@@ -25,6 +25,8 @@ from pipeserve.api.h2.limits import H2Limits
 log = logging.getLogger(__name__)
 
 _BACKLOG = 1024
+# Seconds a refused connection may take to read its GOAWAY.
+_LINGER = 2.0
 
 
 class _Answered:
@@ -41,7 +43,9 @@ _ANSWERED = _Answered()
 
 
 class _Refused(asyncio.Protocol):
-    """A connection past the server's connection cap: told why (GOAWAY), then closed."""
+    """A connection past the server's connection cap: told why (GOAWAY), then closed. Its input
+    is read and dropped until then: closing with unread input would reset the connection and
+    could destroy the GOAWAY before the client reads it."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -49,8 +53,19 @@ class _Refused(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         log.warning("connection refused: the server holds its limit of %d", self.limit)
         message = f"server at its limit of {self.limit} connections".encode()
-        transport.write(f.settings({}) + f.goaway(0, f.REFUSED_STREAM, message))  # type: ignore[attr-defined]
-        transport.close()
+        out: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
+        out.write(f.settings({}) + f.goaway(0, f.REFUSED_STREAM, message))
+        if out.can_write_eof():
+            out.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER, out.abort)
+        else:
+            out.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client read it and closed: close too
 
 
 def _is_grpc(content_type: bytes) -> bool:
@@ -65,7 +80,12 @@ def _is_grpc(content_type: bytes) -> bool:
 class H2Server:
     def __init__(self, max_receive: int, max_send: int, limits: H2Limits | None = None) -> None:
         self.limits = limits or H2Limits()
-        self._limits = Limits(max_receive, max_send, self.limits.max_inflight_request_bytes)
+        self._limits = Limits(
+            max_receive,
+            max_send,
+            self.limits.max_inflight_request_bytes,
+            self.limits.max_decompressed_bytes,
+        )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
