@@ -6,11 +6,13 @@ Synchronous and slow (onnxruntime session creation holds the GIL for a while): t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeserve import parameters as table
 from pipeserve.api.generated import model_config_pb2 as mc
 from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.factory import batching_policy
@@ -29,6 +31,9 @@ from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.runtime.instances import create_instances, plan_instances
 from pipeserve.runtime.pipeline.executor import create_pipeline_runner
+from pipeserve.runtime.sessions import Accelerator, ort_settings
+
+log = logging.getLogger(__name__)
 
 
 class StageSink:
@@ -94,12 +99,28 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
     validate_config(config, graph)
     versions_to_load = select_versions(config, sorted(found))
     parameters = {k: v.string_value for k, v in config.parameters.items()}
+    table.validate(parameters)
+    for key, nearest in table.unknown_keys(parameters):
+        log.warning(
+            "model '%s': unknown parameter '%s' is ignored%s",
+            name,
+            key,
+            f" (did you mean '{nearest}'?)" if nearest else "",
+        )
+    settings = ort_settings(
+        parameters,
+        config.optimization.graph.level,
+        _accelerators(config),
+        what=f"model '{name}'",
+    )
     plan = plan_instances(
         [
             (mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix("KIND_"), g.count, list(g.gpus))
             for g in config.instance_group
         ],
         parameters,
+        name,
+        settings,
     )
     loaded: dict[int, LoadedVersion] = {}
     try:
@@ -112,7 +133,9 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             batching = batching_policy(config, spec)  # a bad section fails before any session
             sink = StageSink()
             # A model with pipeline parameters runs as stages; any other as plain instances.
-            pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
+            pipeline = create_pipeline_runner(
+                model_file(path), parameters, spec, on_stage=sink, settings=settings
+            )
             runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
             stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
             loaded[version] = LoadedVersion(
@@ -123,6 +146,15 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             v.runner.close()
         raise
     return LoadedModel(config, loaded)
+
+
+def _accelerators(config: ModelConfig) -> tuple[Accelerator, ...]:
+    found = config.optimization.execution_accelerators
+    gpu = [Accelerator("gpu", a.name, tuple(sorted(a.parameters.items())))
+           for a in found.gpu_execution_accelerator]  # fmt: skip
+    cpu = [Accelerator("cpu", a.name, tuple(sorted(a.parameters.items())))
+           for a in found.cpu_execution_accelerator]  # fmt: skip
+    return (*gpu, *cpu)
 
 
 def check_name(name: str) -> None:
