@@ -17,13 +17,15 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from pipeserve.api import grpc_service, health
-from pipeserve.api.grpc_service import InferenceService, ServerState
+from pipeserve.api.grpc_service import InferenceService
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
 from pipeserve.metrics.http import MetricsServer, start_metrics_server
 from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
 from pipeserve.repository.control import ModelControl
+from pipeserve.serving.dataplane import DataPlane
+from pipeserve.serving.state import ServerState
 from pipeserve.settings import Settings
 
 log = logging.getLogger("pipeserve")
@@ -44,6 +46,8 @@ class App:
             settings.load_models,
         )
         limit = settings.max_message_bytes
+        # Every front end below converts its wire format to this one data plane.
+        self.data_plane = DataPlane(self.registry, self.control, self.state, limit)
         self.server: H2Server | grpc.aio.Server
         if settings.grpc_frontend == "asyncio":
             self.server = H2Server(max_receive=limit, max_send=limit)
@@ -55,9 +59,7 @@ class App:
                     ("grpc.so_reuseport", 0),
                 ]
             )
-        grpc_service.add_to_server(
-            InferenceService(self.registry, self.control, self.state, limit), self.server
-        )
+        grpc_service.add_to_server(InferenceService(self.data_plane), self.server)
         health.add_to_server(HealthService(self.state), self.server)
         self.grpc_port = 0
         self.metrics_port = 0

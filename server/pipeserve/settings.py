@@ -1,82 +1,171 @@
-"""Server settings: typed, validated at start-up, frozen. Flags win over PIPESERVE_* env vars,
-which win over defaults; a bad value fails before anything is served."""
+"""Server settings: one field table, typed, validated at start-up, frozen.
+
+Each field of `Settings` carries its command-line flag and help text (`option(...)`); the
+`pipeserve serve` argument parser and the PIPESERVE_* environment mirroring are both built from
+these fields (cli/serve.py), so a new setting is one field here plus its check in
+`__post_init__`. Flags win over PIPESERVE_* variables, which win over the defaults; a bad value
+fails before anything is served, naming the flag or the variable it came from.
+
+A leaf module: it imports nothing of pipeserve's and nothing heavy.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-from pipeserve.repository.control import CONTROL_MODES
+from typing import Any
 
 # gRPC's own ceiling for one message (clients allow up to 2 GiB).
 MAX_MESSAGE_LIMIT = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # asyncio: pipeserve's own HTTP/2 transport (api/h2); grpcio: grpc.aio, the reference one.
 GRPC_FRONTENDS = ("asyncio", "grpcio")
+# none: load all at start; poll: also rescan; explicit: load/unload RPCs.
+CONTROL_MODES = ("none", "poll", "explicit")
+ENV_PREFIX = "PIPESERVE_"
 
 
 class SettingsError(ValueError):
-    pass
+    """A setting's value is invalid. `setting` names the field, so the command line can say
+    whether the value came from a flag or from a PIPESERVE_* variable."""
+
+    def __init__(self, message: str, setting: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How one setting appears on the command line.
+
+    flag:    the flag (default: `--` + the field name with `-`); its PIPESERVE_* variable is the
+             flag's name in upper case with `_` (`--no-metrics` -> PIPESERVE_NO_METRICS).
+    negate:  a bool that defaults to True and is turned off by the flag (`--no-metrics`).
+    repeat:  a tuple given by repeating the flag; its variable holds comma-separated values.
+    upper:   the value is folded to upper case before the choices are checked.
+    """
+
+    help: str
+    flag: str = ""
+    choices: tuple[str, ...] = ()
+    negate: bool = False
+    repeat: bool = False
+    upper: bool = False
+    metavar: str | None = None
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"option": Option(help, **kw)})
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    model_repository: Path = Path("models")
-    host: str = "0.0.0.0"
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    metrics: bool = True
-    model_control_mode: str = "none"
-    repository_poll_secs: float = 5.0
-    load_models: tuple[str, ...] = field(default_factory=tuple)
-    log_level: str = "INFO"
-    max_message_bytes: int = MAX_MESSAGE_LIMIT
-    exit_timeout_secs: float = 30.0
-    grpc_frontend: str = "asyncio"
+    model_repository: Path = option(
+        Path("models"), "model repository folder (Triton's layout)", metavar="DIR"
+    )
+    host: str = option("0.0.0.0", "address to listen on")
+    grpc_port: int = option(8001, "gRPC port; 0 picks a free one (the log names it)")
+    metrics_port: int = option(8002, "Prometheus /metrics port; 0 picks a free one")
+    metrics: bool = option(True, "do not serve /metrics", flag="--no-metrics", negate=True)
+    model_control_mode: str = option(
+        "none",
+        "none: load every model at start; poll: also rescan the repository and load, reload or "
+        "unload what changed; explicit: load and unload only on request",
+        choices=CONTROL_MODES,
+    )
+    repository_poll_secs: float = option(5.0, "seconds between repository scans in poll mode")
+    load_models: tuple[str, ...] = option(
+        (),
+        "explicit mode: a model to load at start (repeat the flag for more; '*' = every model)",
+        flag="--load-model",
+        repeat=True,
+        metavar="NAME",
+    )
+    log_level: str = option("INFO", "log level", choices=LOG_LEVELS, upper=True)
+    max_message_bytes: int = option(
+        MAX_MESSAGE_LIMIT,
+        "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED (the default "
+        "is gRPC's own limit)",
+    )
+    exit_timeout_secs: float = option(
+        30.0, "on SIGTERM/SIGINT, how long requests in flight may take to finish"
+    )
+    grpc_frontend: str = option(
+        "asyncio",
+        "gRPC transport: asyncio (pipeserve's own HTTP/2, several times less CPU per request) "
+        "or grpcio (grpc.aio)",
+        choices=GRPC_FRONTENDS,
+    )
 
     def __post_init__(self) -> None:
         if not self.model_repository.is_dir():
-            raise SettingsError(f"model repository '{self.model_repository}' is not a directory")
+            raise SettingsError(
+                f"model repository '{self.model_repository}' is not a directory",
+                "model_repository",
+            )
         for name in ("grpc_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
-                raise SettingsError(f"{name.replace('_', '-')} must be 0..65535, got {port}")
-        if self.model_control_mode not in CONTROL_MODES:
-            raise SettingsError(
-                f"model-control-mode must be one of {', '.join(CONTROL_MODES)}, "
-                f"got '{self.model_control_mode}'"
-            )
+                raise SettingsError(f"{_flag(name)} must be 0..65535, got {port}", name)
+        _check_choice(self, "model_control_mode")
         if self.repository_poll_secs <= 0:
             raise SettingsError(
-                f"repository-poll-secs must be > 0, got {self.repository_poll_secs}"
+                f"repository-poll-secs must be > 0, got {self.repository_poll_secs}",
+                "repository_poll_secs",
             )
         if self.load_models and self.model_control_mode != "explicit":
-            raise SettingsError("--load-model needs --model-control-mode explicit")
-        if self.log_level.upper() not in LOG_LEVELS:
-            raise SettingsError(f"log-level must be one of {', '.join(LOG_LEVELS)}")
+            raise SettingsError("--load-model needs --model-control-mode explicit", "load_models")
+        _check_choice(self, "log_level", self.log_level.upper())
         if not 1024 <= self.max_message_bytes <= MAX_MESSAGE_LIMIT:
             raise SettingsError(
-                f"max-message-bytes must be 1024..{MAX_MESSAGE_LIMIT}, got {self.max_message_bytes}"
+                f"max-message-bytes must be 1024..{MAX_MESSAGE_LIMIT}, "
+                f"got {self.max_message_bytes}",
+                "max_message_bytes",
             )
-        if self.grpc_frontend not in GRPC_FRONTENDS:
-            raise SettingsError(
-                f"grpc-frontend must be one of {', '.join(GRPC_FRONTENDS)}, "
-                f"got '{self.grpc_frontend}'"
-            )
+        _check_choice(self, "grpc_frontend")
         if self.exit_timeout_secs < 0:
-            raise SettingsError(f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}")
+            raise SettingsError(
+                f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}",
+                "exit_timeout_secs",
+            )
+
+
+def options() -> list[tuple[str, Option, Any]]:
+    """(field name, its Option, its default) for every setting, in declaration order."""
+    # Every field has a plain default (option() sets one; tuples are immutable).
+    return [(f.name, f.metadata["option"], f.default) for f in fields(Settings)]
+
+
+def flag_of(name: str, opt: Option) -> str:
+    return opt.flag or "--" + name.replace("_", "-")
+
+
+def env_name(name: str, opt: Option) -> str:
+    return ENV_PREFIX + flag_of(name, opt).removeprefix("--").replace("-", "_").upper()
 
 
 def env_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """PIPESERVE_GRPC_PORT=8001 -> {"grpc_port": "8001"} for every known setting."""
+    """PIPESERVE_GRPC_PORT=8001 -> {"grpc_port": "8001"} for every known setting (keyed by the
+    variable's name without the prefix, in lower case)."""
     environ = os.environ if environ is None else environ
-    # Every flag of `pipeserve serve` (NO_METRICS is read by the CLI as a boolean).
-    names = (set(Settings.__dataclass_fields__) - {"metrics", "load_models"}) | {"load_model"}
     out: dict[str, str] = {}
-    for name in names:
-        value = environ.get("PIPESERVE_" + name.upper())
-        if value is not None:
-            out[name] = value
+    for name, opt, _ in options():
+        variable = env_name(name, opt)
+        if variable in environ:
+            out[variable.removeprefix(ENV_PREFIX).lower()] = environ[variable]
     return out
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choice(settings: Settings, name: str, value: str | None = None) -> None:
+    opt: Option = Settings.__dataclass_fields__[name].metadata["option"]
+    value = getattr(settings, name) if value is None else value
+    if value not in opt.choices:
+        raise SettingsError(
+            f"{_flag(name)} must be one of {', '.join(opt.choices)}, got '{value}'", name
+        )

@@ -79,3 +79,96 @@ def test_http1_client_on_the_grpc_port_is_told_what_to_use(server: ServerProcess
     client = grpcclient.InferenceServerClient(server.url)  # and the server is unharmed
     assert client.is_server_ready()
     client.close()
+
+
+# ---- every RPC, on both front ends ---------------------------------------------------------------
+
+
+def _every_rpc(url: str) -> dict[str, object]:
+    """Each of the 20 RPCs of inference.GRPCInferenceService (tritonclient's own descriptors),
+    called with a valid and, where it means something, an invalid request; the answers as
+    comparable values (timings left out)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import service_pb2 as spb
+    from tritonclient.grpc import service_pb2_grpc as spb_grpc
+
+    service = spb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    out: dict[str, object] = {}
+    with grpc.insecure_channel(url) as channel:
+        stub = spb_grpc.GRPCInferenceServiceStub(channel)
+
+        def call(key: str, method: str, request: object) -> None:
+            try:
+                reply = getattr(stub, method)(request, timeout=30)
+            except grpc.RpcError as exc:
+                out[key] = (exc.code().name, exc.details())
+            else:
+                for stats in getattr(reply, "model_stats", ()):
+                    stats.last_inference = 0
+                    for field in stats.inference_stats.DESCRIPTOR.fields:
+                        getattr(stats.inference_stats, field.name).ns = 0
+                    del stats.batch_stats[:]
+                out[key] = ("OK", text_format.MessageToString(reply, as_one_line=True))
+
+        call("ServerLive", "ServerLive", spb.ServerLiveRequest())
+        call("ServerReady", "ServerReady", spb.ServerReadyRequest())
+        call("ModelReady", "ModelReady", spb.ModelReadyRequest(name="add_sub"))
+        call("ModelReady/unknown", "ModelReady", spb.ModelReadyRequest(name="nope"))
+        call("ServerMetadata", "ServerMetadata", spb.ServerMetadataRequest())
+        call("ModelMetadata", "ModelMetadata", spb.ModelMetadataRequest(name="add_sub"))
+        call("ModelMetadata/unknown", "ModelMetadata", spb.ModelMetadataRequest(name="nope"))
+        request = spb.ModelInferRequest(model_name="add_sub", id="x")
+        for name in ("INPUT0", "INPUT1"):
+            request.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+            request.raw_input_contents.append(np.arange(16, dtype=np.float32).tobytes())
+        call("ModelInfer", "ModelInfer", request)
+        bad = spb.ModelInferRequest(model_name="add_sub")
+        bad.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+        call("ModelInfer/bad", "ModelInfer", bad)
+        replies = list(stub.ModelStreamInfer(iter([request, bad]), timeout=30))
+        out["ModelStreamInfer"] = sorted(
+            (r.error_message, r.infer_response.id, len(r.infer_response.raw_output_contents))
+            for r in replies
+        )
+        call("ModelConfig", "ModelConfig", spb.ModelConfigRequest(name="add_sub"))
+        call("ModelStatistics", "ModelStatistics", spb.ModelStatisticsRequest(name="add_sub"))
+        call("RepositoryIndex", "RepositoryIndex", spb.RepositoryIndexRequest())
+        call(
+            "RepositoryModelUnload",
+            "RepositoryModelUnload",
+            spb.RepositoryModelUnloadRequest(model_name="add_sub_auto"),
+        )
+        call("RepositoryIndex/after unload", "RepositoryIndex", spb.RepositoryIndexRequest())
+        call(
+            "RepositoryModelLoad",
+            "RepositoryModelLoad",
+            spb.RepositoryModelLoadRequest(model_name="add_sub_auto"),
+        )
+        call(
+            "RepositoryModelLoad/unknown parameter",
+            "RepositoryModelLoad",
+            spb.RepositoryModelLoadRequest(
+                model_name="add_sub_auto",
+                parameters={"colour": spb.ModelRepositoryParameter(string_param="blue")},
+            ),
+        )
+        for method in service.methods:
+            if "SharedMemory" in method.name or method.name in ("TraceSetting", "LogSettings"):
+                request_class = getattr(spb, method.input_type.name)
+                call(method.name, method.name, request_class())
+    out["methods"] = sorted(m.name for m in service.methods)
+    return out
+
+
+def test_every_rpc_answers_alike_on_both_front_ends(
+    repo, start_server: Callable[..., ServerProcess]
+) -> None:  # type: ignore[no-untyped-def]
+    explicit = ("--model-control-mode", "explicit", "--load-model", "*")
+    own = _every_rpc(start_server(repo, *explicit).url)
+    reference = _every_rpc(start_server(repo, *explicit, "--grpc-frontend", "grpcio").url)
+    assert own == reference
+    assert len(own["methods"]) == 20  # type: ignore[arg-type]
+    assert own["ModelInfer"][0] == "OK"  # type: ignore[index]
+    assert own["ModelInfer/bad"][0] == "INVALID_ARGUMENT"  # type: ignore[index]
+    assert own["RepositoryModelLoad"] == ("OK", "")
+    assert own["SystemSharedMemoryStatus"][0] == "UNIMPLEMENTED"  # type: ignore[index]

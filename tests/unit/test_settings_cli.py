@@ -308,3 +308,62 @@ def test_serve_exits_1_when_the_grpc_port_is_taken(
     assert f"cannot listen for gRPC on 127.0.0.1:{live_server.grpc_port}" in done.stderr
     assert "Traceback" not in done.stderr
     assert main(["health", "--address", live_server.url]) == 0  # the first server is unharmed
+
+
+# ---- one field table: every setting has a flag and a variable ----------------------------------
+
+
+def test_every_setting_has_a_flag_and_a_documented_variable(tmp_path: Path) -> None:
+    """The parser is built from Settings' fields: each one is a flag, mirrored by a variable
+    that `serve --help` names, and parses back into Settings unchanged."""
+    from pipeserve.cli.serve import settings_from_args
+    from pipeserve.settings import env_name, flag_of, options
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name, opt, _ in options():
+        assert flag_of(name, opt) in help_text
+        assert env_name(name, opt).startswith("PIPESERVE_")
+    args = parse_serve("--model-repository", str(tmp_path))
+    assert settings_from_args(args, environ={}) == Settings(model_repository=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PIPESERVE_GRPC_PORT", "abc", "(from the environment variable PIPESERVE_GRPC_PORT)"),
+        ("PIPESERVE_GRPC_PORT", "70000", "(from the environment variable PIPESERVE_GRPC_PORT)"),
+        (
+            "PIPESERVE_MODEL_CONTROL_MODE",
+            "sometimes",
+            "must be one of none, poll, explicit, got 'sometimes' (from the environment "
+            "variable PIPESERVE_MODEL_CONTROL_MODE)",
+        ),
+        ("PIPESERVE_NO_METRICS", "maybe", "PIPESERVE_NO_METRICS='maybe': expected one of"),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert main(["serve", "--model-repository", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_flag_value_does_not_blame_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPESERVE_GRPC_PORT", "70001")
+    assert main(["serve", "--model-repository", str(tmp_path), "--grpc-port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "grpc-port must be 0..65535, got 70000" in err
+    assert "environment" not in err
+
+
+def test_help_speaks_to_users() -> None:
+    top = build_parser().format_help()
+    assert "Triton" in top and "->" not in top

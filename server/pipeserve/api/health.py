@@ -9,7 +9,7 @@ import grpc
 
 from pipeserve.api.generated import health_pb2 as hpb
 from pipeserve.api.generated import health_pb2_grpc as hpb_grpc
-from pipeserve.api.grpc_service import ServerState
+from pipeserve.serving.state import ServerState
 
 # Liveness: SERVING while the process runs, also while it drains (restarting a draining server
 # would drop its in-flight requests). Every other known service reports readiness.

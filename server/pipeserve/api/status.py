@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from pipeserve.api.context import ServicerContext
 from pipeserve.errors import (
     ConfigError,
     ExecutionError,
@@ -53,7 +54,7 @@ def guarded(method: F) -> F:
     traceback sent to the client."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: ServicerContext) -> Any:
         try:
             return await method(self, request, context)
         except PipeserveError as exc:

@@ -19,10 +19,9 @@ from pipeserve.errors import ModelLoadError, UnsupportedError
 from pipeserve.registry import IndexEntry, ModelState, Registry
 from pipeserve.repository.config import ModelConfig
 from pipeserve.repository.scan import ModelFolder, scan_repository
+from pipeserve.settings import CONTROL_MODES
 
 log = logging.getLogger(__name__)
-
-CONTROL_MODES = ("none", "poll", "explicit")
 
 
 class ModelControl:

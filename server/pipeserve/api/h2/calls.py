@@ -8,10 +8,12 @@ Handlers are the same objects grpc.aio would run (`grpc.RpcMethodHandler` built 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -36,21 +38,57 @@ _STREAM_BACKLOG = 1 << 20
 
 
 class Context:
-    """What servicers ask of their call: `abort`, as on grpc.aio.ServicerContext (the only part
-    pipeserve's servicers use)."""
+    """The call's side of the servicer-context contract (`pipeserve.api.context`): `abort`,
+    `invocation_metadata` and `peer`, as on grpc.aio.ServicerContext. Metadata is built only
+    when a servicer asks for it: the hot path never pays for it."""
 
-    __slots__ = ("code", "details")
+    __slots__ = ("code", "details", "_call")
 
-    def __init__(self) -> None:
+    def __init__(self, call: Call) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self._call = call
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> None:
+    ) -> NoReturn:
         self.code = code
         self.details = details
         raise grpc.aio.AbortError()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        out: list[tuple[str, str | bytes]] = []
+        for name, value in self._call.headers.items():
+            if name.startswith(b":") or name in _TRANSPORT_HEADERS:
+                continue
+            key = name.decode("latin-1")
+            if key.endswith("-bin"):
+                out.append((key, _unbase64(value)))
+            else:
+                out.append((key, value.decode("latin-1")))
+        return tuple(out)
+
+    def peer(self) -> str:
+        transport = self._call.stream.conn.transport
+        address = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(address, tuple) and len(address) >= 2:
+            host, port = address[0], address[1]
+            return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+        return f"unix:{address}" if address else "unknown"
+
+
+# Headers the transport consumes; grpc.aio leaves them out of invocation_metadata too.
+_TRANSPORT_HEADERS = frozenset(
+    (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")
+)
+
+
+def _unbase64(value: bytes) -> bytes:
+    # gRPC sends binary metadata base64-encoded, padding optional.
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return value
 
 
 class Limits:
@@ -266,7 +304,7 @@ class Call:
 
     async def _run(self, arg: Any) -> None:
         method = self.method
-        context = Context()
+        context = Context(self)
         try:
             if method.response_streaming:
                 handler = method.stream_stream if method.request_streaming else method.unary_stream

@@ -1,0 +1,33 @@
+"""The servicer-context contract: what pipeserve's gRPC servicers may ask of their call.
+
+Both gRPC front ends implement it: grpc.aio's `ServicerContext` (a superset) and the own
+transport's `api.h2.calls.Context`. A servicer that needs more than this must add it here and to
+the own transport first; `tests/e2e/test_frontends.py` runs every RPC on both front ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NoReturn, Protocol
+
+import grpc
+
+# One metadata entry as grpc.aio gives it: text values are str, `-bin` keys carry bytes.
+MetadataEntry = tuple[str, str | bytes]
+
+
+class ServicerContext(Protocol):
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        """End the call with `code` and `details` (raises; never returns)."""
+        ...
+
+    def invocation_metadata(self) -> Sequence[MetadataEntry] | None:
+        """The client's custom metadata (request headers other than HTTP/2 pseudo-headers and
+        the transport's own), keys in lower case, in the order sent."""
+        ...
+
+    def peer(self) -> str:
+        """The client's address as gRPC writes it: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`."""
+        ...
