@@ -4,7 +4,7 @@ Nothing imports this module except the CLI.
 Start:  metrics endpoint -> gRPC server (live, not ready) -> initial model loads -> ready.
 Stop:   not ready (health says NOT_SERVING) -> gRPC stops accepting and waits for in-flight RPCs
         (up to exit_timeout_secs) -> repository poller -> every model drained and unloaded ->
-        metrics endpoint.
+        metrics endpoint -> metrics (NVML released).
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class App:
         await self.registry.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self.metrics is not None:
+            self.metrics.close()  # NVML, opened by ServerMetrics when it found a GPU
         log.info("pipeserve stopped")
 
     async def run_until_signalled(self) -> None:

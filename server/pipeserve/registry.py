@@ -1,6 +1,7 @@
 """Name/version -> served model, and the lifecycle LOADING / READY / UNLOADING / UNAVAILABLE.
 
-Runs on the event loop. Lookup and submit happen in one synchronous step (`submit`), and a reload
+Runs on the event loop. Callers look up and submit in one synchronous step (`lookup`, then
+`ServedVersion.submit`, with no await between), and a reload
 swaps a model's version table in one assignment before closing the old schedulers; so a request
 either reaches the old version (which drains everything it accepted) or the new one, never a
 closed scheduler. Loads of one model are serialised by a per-model lock.
@@ -127,13 +128,6 @@ class Registry:
         if served is None:
             raise ModelNotFoundError.for_model(name, version)
         return served
-
-    def submit(
-        self, request: InferRequest
-    ) -> tuple[ServedVersion, asyncio.Future[dict[str, np.ndarray]]]:
-        """Look up, validate and queue a request (ServedVersion.submit)."""
-        served = self.lookup(request.model_name, request.model_version)
-        return served, served.submit(request)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:

@@ -29,7 +29,7 @@ from collections.abc import Hashable
 import numpy as np
 
 from pipeserve.batching.adaptive import AdaptiveDelay
-from pipeserve.batching.base import ModelRunner, Pending, Scheduler, start_workers
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler, join_all, start_workers
 from pipeserve.batching.execute import execute_batch, fail
 from pipeserve.batching.forming import DelayPolicy, FixedDelay, decide
 from pipeserve.batching.ordering import OrderedRelease
@@ -159,7 +159,7 @@ class DynamicBatcher(Scheduler):
             self._closing = True
             self._cond.notify_all()
         # Workers drain every accepted request (no more waiting for batches to fill), then stop.
-        await asyncio.to_thread(_join_all, self._workers)
+        await asyncio.to_thread(join_all, self._workers)
 
     # --- worker side ------------------------------------------------------------------------
 
@@ -220,8 +220,3 @@ class DynamicBatcher(Scheduler):
                 self._former_waiting = True
                 self._cond.wait(None if not wake else max(wake - now, 0) / 1e9)
                 self._former_waiting = False
-
-
-def _join_all(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join()
