@@ -31,10 +31,10 @@ from pipeserve.errors import (
     PipeserveError,
 )
 from pipeserve.inference import InferRequest, ModelSpec
-from pipeserve.loader import LoadedModel, check_name, load_model_folder
-from pipeserve.observers import FanOut, InferenceObserver
+from pipeserve.loader import LoadedModel, StageSinkFor, check_name, load_model_folder
+from pipeserve.observers import InferenceObserver
 from pipeserve.repository.config import ModelConfig
-from pipeserve.statistics import ModelStats
+from pipeserve.statistics import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +46,30 @@ class ModelState(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-class ModelRecorder(InferenceObserver, Protocol):
+class VersionRecorder(InferenceObserver, Protocol):
+    """A version's one recorder: what the scheduler reports into, what ModelStatistics reads."""
+
+    def statistics(self) -> StatsSnapshot: ...
+
+
+class ModelRecorder(VersionRecorder, Protocol):
+    """The recorder with metrics on (metrics.recorder.ModelMetrics)."""
+
     def stage_done(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None: ...
 
     def bind_stages(self, stages: Iterable[tuple[int, str]]) -> object: ...
 
 
 class MetricsBinder(Protocol):
-    """What the registry needs from the metrics module (pipeserve.metrics.ServerMetrics)."""
+    """What the registry needs from metrics (pipeserve.metrics.recorder.ServerMetrics)."""
 
     def bind_model(self, name: str, version: int) -> ModelRecorder: ...
 
     def unbind_model(self, name: str, version: int) -> None: ...
 
     def observe_load(self, name: str, version: int, seconds: float) -> None: ...
+
+    def bound(self) -> list[tuple[str, int]]: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -69,8 +79,8 @@ class ServedVersion:
     config: ModelConfig
     spec: ModelSpec
     scheduler: Scheduler
-    stats: ModelStats
-    observer: InferenceObserver
+    stats: VersionRecorder
+    observer: InferenceObserver  # the same object as `stats`
 
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         """Validate and queue a request. Raises PipeserveError at once when it cannot be
@@ -189,8 +199,11 @@ class Registry:
                 model.reason = ""
             start = time.monotonic()
             try:
-                loaded = await asyncio.to_thread(load_model_folder, name, folder, override)
+                loaded = await asyncio.to_thread(
+                    load_model_folder, name, folder, override, self._stage_sink_for(name)
+                )
             except Exception as exc:  # whatever failed, the model must not stay LOADING
+                self._unbind_unserved(name, model)
                 if isinstance(exc, PipeserveError):
                     reason = exc.message
                 else:
@@ -245,18 +258,35 @@ class Registry:
     async def close(self) -> None:
         await asyncio.gather(*(self.unload(n) for n in list(self._models)), return_exceptions=True)
 
+    def _stage_sink_for(self, name: str) -> StageSinkFor | None:
+        """For the loader: bind version's recorder before its runner exists, so pipeline stages
+        get their metrics sink at construction. Runs on the loader's thread (bind_model locks)."""
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        return lambda version: metrics.bind_model(name, version).stage_done
+
+    def _unbind_unserved(self, name: str, model: _Model) -> None:
+        """After a failed load: drop the recorders it bound for versions nobody serves."""
+        if self._metrics is None:
+            return
+        for bound_name, version in self._metrics.bound():
+            if bound_name == name and version not in model.versions:
+                self._metrics.unbind_model(name, version)
+
     def _serve(self, name: str, loaded: LoadedModel, version: int) -> ServedVersion:
         lv = loaded.versions[version]
-        stats = ModelStats()
-        observers: list[InferenceObserver] = [stats]
+        # One recorder per version: ModelStatistics and Prometheus read the same counts.
+        recorder: VersionRecorder
         if self._metrics is not None:
-            recorder = self._metrics.bind_model(name, version)
-            observers.append(recorder)
-            lv.stage_sink.target = recorder.stage_done
-            recorder.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
-        observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
-        scheduler = create_scheduler(lv.batching, lv.spec, lv.runner, observer)
-        return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
+            # Bound already when the load asked for its stage sink (the same recorder).
+            metrics = self._metrics.bind_model(name, version)
+            metrics.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
+            recorder = metrics
+        else:
+            recorder = ModelStats()
+        scheduler = create_scheduler(loaded.settings.batching, lv.spec, lv.runner, recorder)
+        return ServedVersion(name, version, loaded.config, lv.spec, scheduler, recorder, recorder)
 
     async def _retire(
         self,

@@ -333,6 +333,17 @@ def create_pipeline_runner(
     config = parse_pipeline_config(parameters)
     if config is None:
         return None
+    return pipeline_runner(model_path, config, spec, on_stage, settings)
+
+
+def pipeline_runner(
+    model_path: Path,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
+) -> PipelineRunner:
+    """Partition the model as `config` says and open its stages (see create_pipeline_runner)."""
     plan = partition_model(
         model_path,
         config.stages,
