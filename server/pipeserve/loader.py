@@ -37,10 +37,12 @@ from pipeserve.repository.config import (
 )
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
+from pipeserve.repository.sections import check_sections
 from pipeserve.runtime.instances import InstancePlan, create_instances, plan_instances
 from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline.executor import StageCallback, pipeline_runner
 from pipeserve.runtime.sessions import Accelerator, OrtSettings, ort_settings
+from pipeserve.runtime.warmup import run_warmup, warmup_samples
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ def load_model_folder(
     if not folder.is_dir():
         raise ModelLoadError(f"model folder '{folder}' does not exist")
     given = override if override is not None else read_config(folder)
+    check_sections(given, name)  # what pipeserve does not implement is refused, never skipped
     filename = given.default_model_filename or "model.onnx"
     found = version_folders(folder, filename)
     if not found:
@@ -154,6 +157,8 @@ def load_model_folder(
     validate_config(config, graph)
     versions_to_load = select_versions(config, sorted(found))
     settings = read_model_settings(config)  # a bad section fails before any session
+    # Built (and checked against the model) once: every version has the same config.
+    samples = warmup_samples(config, settings.spec_for(newest), folder)
     loaded: dict[int, LoadedVersion] = {}
     try:
         for version in versions_to_load:
@@ -165,6 +170,8 @@ def load_model_folder(
             runner: ModelRunner
             stage_devices: tuple[str, ...] = ()
             if settings.pipeline is not None:
+                # The version's recorder is bound already: stages report into it from the first
+                # micro-batch on (warm-up included: those ran on the stages too).
                 sink = stage_sink_for(version) if stage_sink_for is not None else None
                 pipeline = pipeline_runner(
                     model_file(path), settings.pipeline, spec, on_stage=sink, settings=settings.ort
@@ -172,6 +179,11 @@ def load_model_folder(
                 runner, stage_devices = pipeline, tuple(pipeline.devices)
             else:
                 runner = create_instances(model_file(path), settings.instances, name)
+            try:
+                run_warmup(runner, samples, spec.output_names(), name)  # before READY
+            except BaseException:
+                runner.close()
+                raise
             loaded[version] = LoadedVersion(
                 version, path, spec, runner, time.monotonic() - start, stage_devices
             )
