@@ -6,7 +6,7 @@ Start:  metrics endpoint -> gRPC server (live, not ready) -> HTTP server -> init
 Stop:   not ready (health says NOT_SERVING) -> gRPC and HTTP, together, stop accepting and wait
         for in-flight requests (up to exit_timeout_secs; HTTP closes each keep-alive connection
         after its in-flight request) -> repository poller -> every model drained and unloaded ->
-        metrics endpoint.
+        metrics endpoint -> metrics (NVML released).
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ class App:
         await self.registry.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self.metrics is not None:
+            self.metrics.close()  # NVML, opened by ServerMetrics when it found a GPU
         log.info("pipeserve stopped")
 
     async def run_until_signalled(self) -> None:
