@@ -63,8 +63,11 @@ async def _send(send: Send, response: Response) -> None:
     if response.content_type is not None:
         headers.append((b"content-type", response.content_type))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    # One body write (uvicorn writes each body message to the socket at once): JSON and binary
-    # sections in separate segments cost the client extra wake-ups, measured ~2x at
-    # concurrency 1 (docs/benchmarks.md). The join copies the outputs once.
-    body = response.chunks[0] if len(response.chunks) == 1 else b"".join(response.chunks)
-    await send({"type": "http.response.body", "body": body})
+    # One body message per chunk (JSON, then binary sections, no join here): the listener
+    # sends the head and every chunk written in this loop iteration in one send(), copying the
+    # outputs once (listener.py).
+    last = len(response.chunks) - 1
+    if last < 0:
+        await send({"type": "http.response.body", "body": b""})
+    for i, chunk in enumerate(response.chunks):
+        await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
