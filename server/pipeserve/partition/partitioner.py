@@ -27,6 +27,7 @@ from pipeserve.errors import ConfigError
 from pipeserve.partition import cost as cost_model
 from pipeserve.partition.cuts import choose_cuts
 from pipeserve.partition.graph_index import GraphIndex
+from pipeserve.partition.hints import ESTIMATED_UNIT, PROFILED_UNIT
 from pipeserve.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 CostMode = Literal["auto", "profile", "estimate"]
 # "auto" profiles only models whose weights fit comfortably in memory for one extra session.
 PROFILE_WEIGHT_LIMIT_BYTES = 2 << 30
-# Plan.cost_unit values: measured costs make a plan that can change between runs.
-PROFILED_UNIT = "us (profiled)"
-ESTIMATED_UNIT = "flops (estimated)"
 # What on_progress hears: one phase of four steps (graph read, nodes costed, cuts chosen, stage
 # graphs built and checked).
 PLAN_PHASE = "planning"
@@ -76,10 +74,6 @@ class Plan:
     graph_inputs: tuple[str, ...]
     graph_outputs: tuple[str, ...]
     base_dir: Path | None  # where external weight files are found
-
-    @property
-    def cut_tensors(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(c.tensors for c in self.cuts)
 
 
 def load_graph(path: Path) -> onnx.ModelProto:

@@ -31,10 +31,13 @@ import numpy as np
 
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
-from pipeserve.partition.partitioner import PROFILED_UNIT, Plan, partition_model
+from pipeserve.partition.hints import PROFILED_UNIT
+from pipeserve.partition.partitioner import Plan, partition_model
 from pipeserve.progress import LoadProgress
+from pipeserve.runtime.devices import place
 from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline.stage import StageRunner, to_numpy
+from pipeserve.runtime.sessions import DEFAULT_SETTINGS, OrtSettings, thread_budget
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +324,7 @@ def create_pipeline_runner(
     parameters: Mapping[str, str],
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
     progress: LoadProgress | None = None,
 ) -> PipelineRunner | None:
     """The runner for a pipelined model version, or None when `parameters` ask for no pipeline.
@@ -332,6 +336,18 @@ def create_pipeline_runner(
     config = parse_pipeline_config(parameters)
     if config is None:
         return None
+    return pipeline_runner(model_path, config, spec, on_stage, settings, progress)
+
+
+def pipeline_runner(
+    model_path: Path,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
+    progress: LoadProgress | None = None,
+) -> PipelineRunner:
+    """Partition the model as `config` says and open its stages (see create_pipeline_runner)."""
     plan = partition_model(
         model_path,
         config.stages,
@@ -339,7 +355,7 @@ def create_pipeline_runner(
         cost=config.cost,
         batch_hint=max(1, config.micro_batch_size or 1),
     )
-    return build_pipeline_runner(plan, config, spec, on_stage, progress)
+    return build_pipeline_runner(plan, config, spec, on_stage, settings, progress)
 
 
 def build_pipeline_runner(
@@ -347,14 +363,24 @@ def build_pipeline_runner(
     config: PipelineConfig,
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
     progress: LoadProgress | None = None,
 ) -> PipelineRunner:
     """Open a session per stage of `plan` on the configured devices and start the threads."""
     runners: list[StageRunner] = []
+    devices = place(config.devices, f"model '{spec.name}' pipeline stages")
+    cpu_stages = sum(1 for d in devices if d.kind == "cpu")
+    # threads_per_stage was split over the requested CPU stages: it stands unless stages moved.
+    keep = config.threads_given or devices == config.devices
     try:
-        for stage, device in zip(plan.stages, config.devices, strict=True):
-            threads = config.threads_per_stage if device.kind == "cpu" else 1
-            runners.append(StageRunner(stage, device, plan.base_dir, threads, model_name=spec.name))
+        for stage, device in zip(plan.stages, devices, strict=True):
+            given = config.threads_per_stage if device.kind == "cpu" and keep else None
+            threads = thread_budget(device, cpu_stages, given).intra_op
+            runners.append(
+                StageRunner(
+                    stage, device, plan.base_dir, threads, model_name=spec.name, settings=settings
+                )
+            )
             if progress is not None:
                 progress.step("stage", stage.index + 1, len(plan.stages), f"on {device}")
     except BaseException:
@@ -366,7 +392,7 @@ def build_pipeline_runner(
         spec.name,
         spec.version,
         len(runners),
-        ", ".join(str(d) for d in config.devices),
+        ", ".join(str(r.device) for r in runners),
         "; ".join(
             f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
             for s in plan.stages

@@ -322,7 +322,7 @@ def _gencode_versions() -> set[tuple[int, int, int]]:
 
 
 def _declared_protobuf() -> Requirement:
-    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
     reqs = [Requirement(r) for r in pyproject["project"]["dependencies"]]
     return next(r for r in reqs if r.name == "protobuf")
 

@@ -9,6 +9,8 @@ By default node costs are FLOPs estimated from shapes, so the same model and fla
 same plan on every run. `--cost profile` (or `auto`, what a served model uses unless its
 `pipeline_cost` parameter says otherwise) times every node in a short onnxruntime run instead:
 closer to real speed, but measured, so cuts can move between runs.
+
+onnx and onnxruntime are imported only when the command runs, so `--help` stays light.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeserve.errors import PipeserveError
-from pipeserve.partition.cost import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
-from pipeserve.partition.partitioner import PROFILED_UNIT, Plan, partition_model
+from pipeserve.partition.hints import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT, PROFILED_UNIT
 from pipeserve.progress import PhaseProgress, format_bytes
+
+if TYPE_CHECKING:
+    from pipeserve.partition.partitioner import Plan
 
 
 def add_split_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,6 +71,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_split(args: argparse.Namespace) -> int:
+    from pipeserve.partition.partitioner import partition_model
+
     try:
         path = resolve_model_path(args.model)
         cuts = [c.strip() for c in args.cuts.split(",") if c.strip()] or None
