@@ -99,6 +99,17 @@ class Settings:
         choices=GRPC_FRONTENDS,
     )
 
+    server_name: str = option(
+        "pipeserve",
+        "the name ServerMetadata answers (clients written for Triton may check for 'triton')",
+        metavar="NAME",
+    )
+    strict_readiness: bool = option(
+        True,
+        "server readiness (ServerReady, gRPC health) also needs every model that should be "
+        "loaded to be READY, as in Triton; false: ready once the server is up",
+    )
+
     def __post_init__(self) -> None:
         if not self.model_repository.is_dir():
             raise SettingsError(
@@ -125,6 +136,8 @@ class Settings:
                 "max_message_bytes",
             )
         _check_choice(self, "grpc_frontend")
+        if not self.server_name.strip():
+            raise SettingsError("server-name must not be empty", "server_name")
         if self.exit_timeout_secs < 0:
             raise SettingsError(
                 f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}",

@@ -52,6 +52,15 @@ def parameter_value(param: pb.InferParameter) -> Any:
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     params = {key: parameter_value(value) for key, value in msg.parameters.items()}
     raw = msg.raw_input_contents
+    if raw:
+        # Before the count check, so the answer names the input (Triton's words).
+        for tensor in msg.inputs:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"contents field must not be specified when using raw_input_contents for "
+                    f"'{tensor.name}' for model '{msg.model_name}': send every input in "
+                    f"raw_input_contents or every input in contents"
+                )
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInputError(
             f"expected {len(msg.inputs)} raw_input_contents (one per input), got {len(raw)}"
@@ -113,12 +122,7 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input '{name}' has shape {list(shape)}: dimensions must be >= 0")
     count = math.prod(shape)
-    has_contents = tensor.HasField("contents")
-    if raw is not None:
-        if has_contents and _contents_len(tensor.contents) > 0:
-            raise InvalidInputError(
-                f"input '{name}' carries both raw_input_contents and typed contents; send one"
-            )
+    if raw is not None:  # decode_request refused typed contents next to raw ones
         if datatype == "BYTES":
             return deserialize_bytes(raw, count, name).reshape(shape)
         expected = count * element_size(datatype)
@@ -154,10 +158,6 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
         raise InvalidInputError(
             f"input '{name}': a value in contents.{field} does not fit {datatype}"
         ) from None
-
-
-def _contents_len(contents: pb.InferTensorContents) -> int:
-    return sum(len(getattr(contents, f)) for f in set(_CONTENTS_FIELD.values()))
 
 
 def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferResponse:

@@ -13,6 +13,7 @@ reload can slip in between the lookup and the submit (see registry.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,16 +21,20 @@ from pipeserve import __version__
 from pipeserve.errors import (
     ConfigError,
     InvalidInputError,
+    ModelLoadError,
     ModelNotFoundError,
+    PipeserveError,
     ResponseTooLargeError,
     UnsupportedError,
 )
 from pipeserve.inference import InferRequest, InferResponse
 from pipeserve.registry import IndexEntry, Registry, ServedVersion
 from pipeserve.repository.config import ModelConfig, parse_config_json
-from pipeserve.repository.control import ModelControl
+from pipeserve.repository.control import NOT_POLLED, ModelControl
 from pipeserve.serving.state import ServerState
 from pipeserve.statistics import StatsSnapshot
+
+log = logging.getLogger(__name__)
 
 # Only what is really implemented: perf_analyzer asks for statistics because it is listed.
 EXTENSIONS = (
@@ -73,6 +78,27 @@ class VersionStatistics:
     name: str
     version: str
     stats: StatsSnapshot
+
+
+def _load_parameters(
+    parameters: Mapping[str, LoadParameter | None],
+) -> tuple[ModelConfig | None, dict[str, bytes]]:
+    override = None
+    files: dict[str, bytes] = {}
+    for key, value in parameters.items():
+        if key == "config":
+            if not isinstance(value, str):
+                raise ConfigError("load parameter 'config' must be a string (JSON)")
+            override = parse_config_json(value)
+        elif key.startswith("file:"):
+            if not isinstance(value, bytes):
+                raise InvalidInputError(f"load parameter '{key}' must carry bytes")
+            files[key.removeprefix("file:")] = value
+        else:
+            raise InvalidInputError(
+                f"unknown load parameter '{key}', expected 'config' or 'file:<path>'"
+            )
+    return override, files
 
 
 class DataPlane:
@@ -172,22 +198,18 @@ class DataPlane:
     ) -> None:
         """Load or reload `name` (explicit mode). `parameters`: `config` (a JSON ModelConfig
         that replaces the folder's config.pbtxt) and `file:<path>` (bytes of a file laid out in
-        the model folder; needs `config`)."""
-        override = None
-        files: dict[str, bytes] = {}
-        for key, value in (parameters or {}).items():
-            if key == "config":
-                if not isinstance(value, str):
-                    raise ConfigError("load parameter 'config' must be a string (JSON)")
-                override = parse_config_json(value)
-            elif key.startswith("file:"):
-                if not isinstance(value, bytes):
-                    raise InvalidInputError(f"load parameter '{key}' must carry bytes")
-                files[key.removeprefix("file:")] = value
-            else:
-                raise InvalidInputError(
-                    f"unknown load parameter '{key}', expected 'config' or 'file:<path>'"
-                )
+        the model folder; needs `config`).
+
+        As in Triton, the control mode is checked first, and parameters that cannot be used
+        (a malformed `config`, an unknown key) fail the load before it starts: INTERNAL
+        "failed to load '<name>', failed to poll from model repository", here followed by the
+        reason, which is logged at WARNING too."""
+        self._control.require_explicit()
+        try:
+            override, files = _load_parameters(parameters or {})
+        except PipeserveError as exc:
+            log.warning("failed to load model '%s': refused load parameters: %s", name, exc)
+            raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {exc.message}") from None
         await self._control.load(name, override, files)
 
     async def unload(self, name: str) -> None:
