@@ -118,10 +118,10 @@ def write_repository(root: Path, model: Path, threads: int, instances: int) -> N
 
 
 def serve_command(repository: Path) -> list[str]:
-    """`pipeserve serve` on a free local port, metrics off."""
+    """`pipeserve serve` on a free local port, metrics and HTTP off."""
     return [
         sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repository),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics", "--no-http",
     ]  # fmt: skip
 
 
@@ -130,6 +130,15 @@ def process(
     cmd: list[str], ready: str, port_pattern: str, env: dict[str, str] | None = None
 ) -> Iterator[int]:
     """Start a server, yield its port once `ready` was logged, stop it afterwards."""
+    with started(cmd, ready, port_pattern, env) as (port, _):
+        yield port
+
+
+@contextmanager
+def started(
+    cmd: list[str], ready: str, port_pattern: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, int]]:
+    """As `process`, yielding (port, pid)."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -147,7 +156,7 @@ def process(
     drain = threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True)  # type: ignore[union-attr]
     drain.start()
     try:
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:

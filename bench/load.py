@@ -41,10 +41,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeserve.runtime.external_data import external_refs, set_external
 from pipeserve.runtime.instances import SessionInstances, create_instances, plan_instances
-from pipeserve.runtime.pack import pack_model
-from pipeserve.runtime.weights import open_session
+from pipeserve.weights.external_data import external_refs, set_external
+from pipeserve.weights.mapping import open_session
+from pipeserve.weights.pack import pack_model
 
 CPU = ["CPUExecutionProvider"]
 VARIANTS = ("plain", "mapped", "mapped-noprepack", "served")

@@ -57,7 +57,18 @@ def perf_analyzer_usable() -> bool:
     return _perf_analyzer() is not None
 
 
-def run_perf_analyzer(url: str, model: str, concurrency: int, window_s: float, shape: str) -> Load:
+def run_perf_analyzer(
+    url: str,
+    model: str,
+    concurrency: int,
+    window_s: float,
+    shape: str,
+    *,
+    mode: str = "async",
+    streaming: bool = False,
+) -> Load:
+    """`mode`: "async" (perf_analyzer --async) or "sync" (its default: one thread per request
+    in flight); `streaming`: ModelStreamInfer instead of unary calls."""
     found = _perf_analyzer()
     if found is None:
         raise RuntimeError("perf_analyzer does not run here")
@@ -72,7 +83,8 @@ def run_perf_analyzer(url: str, model: str, concurrency: int, window_s: float, s
             url,
             "-i",
             "grpc",
-            "--async",
+            *(["--async"] if mode == "async" else []),
+            *(["--streaming"] if streaming else []),
             "--concurrency-range",
             f"{concurrency}:{concurrency}",
             "-p",

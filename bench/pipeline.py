@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from encoder_model import encoder_stack, save  # noqa: E402
 
 from pipeserve.inference import ModelSpec, TensorSpec  # noqa: E402
-from pipeserve.runtime.pipeline import PipelineRunner, create_pipeline_runner  # noqa: E402
+from pipeserve.runtime.pipeline.executor import PipelineRunner, create_pipeline_runner  # noqa: E402
 
 
 def closed_loop(call: Callable[[int], object], callers: int, seconds: float) -> float:

@@ -33,7 +33,7 @@ from pipeline import closed_loop  # noqa: E402
 
 from pipeserve.errors import PipeserveError
 from pipeserve.inference import ModelSpec, TensorSpec
-from pipeserve.runtime.pipeline import create_pipeline_runner
+from pipeserve.runtime.pipeline.executor import create_pipeline_runner
 
 
 def cuda_devices() -> list[int]:

@@ -30,6 +30,7 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         options = ort.SessionOptions()
+        # 0: onnxruntime's own default (one thread per core).
         options.intra_op_num_threads = int(os.environ.get("REFERENCE_INTRA_OP_THREADS", "1"))
         options.inter_op_num_threads = 1
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
@@ -47,14 +48,15 @@ class TritonPythonModel:
 """
 
 
-def write_repository(root: Path, model: Path, max_batch: int, io: str) -> Path:
-    """A Triton repository with one Python-backend model `mlp` (dynamic batching, delay 0)."""
-    folder = root / "mlp"
+def write_repository(root: Path, model: Path, max_batch: int, io: str, name: str = "mlp") -> Path:
+    """A Triton repository with one Python-backend model `name` (input x, output y; dynamic
+    batching, delay 0, one CPU instance). Call again with another name to add a model."""
+    folder = root / name
     (folder / "1").mkdir(parents=True)
     os.link(model, folder / "1" / "model.onnx")
     (folder / "1" / "model.py").write_text(MODEL_PY)
     (folder / "config.pbtxt").write_text(
-        f'name: "mlp"\nbackend: "python"\nmax_batch_size: {max_batch}\n{io}'
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n{io}'
         "dynamic_batching { }\ninstance_group [{ kind: KIND_CPU count: 1 }]\n"
     )
     return root

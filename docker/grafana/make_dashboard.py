@@ -4,7 +4,7 @@ provisions. Edit the panels here, not the JSON:
     .venv/bin/python docker/grafana/make_dashboard.py          # rewrite the JSON
     .venv/bin/python docker/grafana/make_dashboard.py --check  # exit 1 if the JSON is stale
 
-Series names are the ones server/pipeserve/metrics.py exports (docs/metrics.md):
+Series names are the ones server/pipeserve/metrics/ exports (docs/metrics.md):
 tests/e2e/test_dashboard_series.py checks every series named in these queries against a live
 scrape of the real server, so a renamed metric fails a test instead of leaving an empty panel.
 """

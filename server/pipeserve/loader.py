@@ -29,7 +29,7 @@ from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.repository.sections import check_sections
 from pipeserve.runtime.instances import create_instances, plan_instances
-from pipeserve.runtime.pipeline import create_pipeline_runner
+from pipeserve.runtime.pipeline.executor import create_pipeline_runner
 from pipeserve.runtime.warmup import run_warmup, warmup_samples
 
 

@@ -117,7 +117,7 @@ def board() -> dict[str, Any]:
 
 
 def _gpu_series_defined(name: str) -> bool:
-    source = (ROOT / "server" / "pipeserve" / "metrics_gpu.py").read_text()
+    source = (ROOT / "server" / "pipeserve" / "metrics" / "gpu.py").read_text()
     return f'"{name}"' in source
 
 

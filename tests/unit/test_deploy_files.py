@@ -688,7 +688,8 @@ def test_dashboard_series_are_defined_by_the_server_code() -> None:
     """Static twin of tests/e2e/test_dashboard_series.py: each series' family name is spelled
     in the metrics modules (process_* come from prometheus_client's ProcessCollector)."""
     sources = "".join(
-        (REPO / "server" / "pipeserve" / f).read_text() for f in ("metrics.py", "metrics_gpu.py")
+        (REPO / "server" / "pipeserve" / f).read_text()
+        for f in ("metrics/recorder.py", "metrics/gpu.py")
     )
     for name in load_dashboard_module().series_in_dashboard(dashboard()):
         if name.startswith("process_") or f'"{name}"' in sources:
@@ -829,7 +830,7 @@ def test_hpa_scales_on_a_series_the_adapter_exposes_and_the_server_exports() -> 
     (rule,) = load_yaml(K8S / "prometheus-adapter-values.yaml")["rules"]["custom"]
     assert rule["name"]["as"] == name
     assert rule["seriesQuery"].startswith(name + "{")
-    assert f'"{name}"' in (REPO / "server" / "pipeserve" / "metrics.py").read_text()
+    assert f'"{name}"' in (REPO / "server" / "pipeserve" / "metrics" / "recorder.py").read_text()
 
 
 def test_kserve_runtime_serves_onnx_over_grpc_v2_on_the_grpc_port() -> None:

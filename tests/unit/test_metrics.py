@@ -14,13 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeserve.batching.direct import DirectScheduler
 from pipeserve.errors import ExecutionError
 from pipeserve.inference import InferRequest, ModelSpec, TensorSpec
-from pipeserve.metrics import (
+from pipeserve.metrics.http import render_metrics
+from pipeserve.metrics.recorder import (
     BATCH_BOUNDS,
     LATENCY_BOUNDS_NS,
     ModelMetrics,
     ServerMetrics,
 )
-from pipeserve.metrics_http import render_metrics
 from pipeserve.observers import ExecutionTimings, FanOut
 from pipeserve.statistics import ModelStats
 

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeserve.metrics import ServerMetrics
-from pipeserve.metrics_gpu import GpuCollector, visible_order
-from pipeserve.metrics_http import render_metrics
+from pipeserve.metrics.gpu import GpuCollector, visible_order
+from pipeserve.metrics.http import render_metrics
+from pipeserve.metrics.recorder import ServerMetrics
 
 HAS_NVIDIA_DRIVER = os.path.exists("/dev/nvidiactl")
 

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeserve.metrics import ServerMetrics
-from pipeserve.metrics_http import CONTENT_TYPE, render_metrics, start_metrics_server
+from pipeserve.metrics.http import CONTENT_TYPE, render_metrics, start_metrics_server
+from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.observers import ExecutionTimings
 
 

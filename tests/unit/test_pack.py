@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from pipeserve.errors import ModelLoadError
-from pipeserve.runtime.external_data import external_refs, iter_initializers
-from pipeserve.runtime.pack import add_pack_parser, pack_model
-from pipeserve.runtime.pack_index import INDEX_NAME, read_index
-from pipeserve.runtime.weights import open_session
+from pipeserve.weights.external_data import external_refs, iter_initializers
+from pipeserve.weights.mapping import open_session
+from pipeserve.weights.pack import add_pack_parser, pack_model
+from pipeserve.weights.pack_index import INDEX_NAME, read_index
 from tests.unit.weights_models import (
     sample_input,
     save_external,

@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 
 from pipeserve.errors import ConfigError
-from pipeserve.runtime.cuts import choose_cuts, min_bottleneck
-from pipeserve.runtime.graph_index import GraphIndex
-from pipeserve.runtime.partition import Plan, load_graph, partition, partition_model
+from pipeserve.partition.cuts import choose_cuts, min_bottleneck
+from pipeserve.partition.graph_index import GraphIndex
+from pipeserve.partition.partitioner import Plan, load_graph, partition, partition_model
 from tests.fixtures import graphs
 
 
@@ -141,8 +141,11 @@ def test_external_weights_past_2gib_are_referenced_not_loaded(tmp_path: Path) ->
     tensor = next(t for t in last.model.graph.initializer if t.name == "W3")
     entries = {e.key: e.value for e in tensor.external_data}
     assert tensor.data_location == onnx.TensorProto.EXTERNAL
-    assert entries == {"location": "weights.bin", "offset": str(graphs.FAR_OFFSET),
-                       "length": str(16 * 16 * 4)}
+    assert entries == {
+        "location": "weights.bin",
+        "offset": str(graphs.FAR_OFFSET),
+        "length": str(16 * 16 * 4),
+    }
     assert not tensor.raw_data
     # Each stage holds only its own weights, and every stage model stays tiny.
     assert [s.initializers for s in plan.stages] == [("W0", "W1"), ("W2", "W3")]

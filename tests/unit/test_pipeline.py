@@ -16,11 +16,15 @@ import pytest
 
 from pipeserve.errors import ConfigError, ExecutionError
 from pipeserve.inference import ModelSpec, TensorSpec
+from pipeserve.partition.partitioner import partition, partition_model
 from pipeserve.runtime.devices import cuda_usable
-from pipeserve.runtime.partition import partition, partition_model
-from pipeserve.runtime.pipeline import PipelineRunner, build_pipeline_runner, create_pipeline_runner
-from pipeserve.runtime.pipeline_config import Device, parse_pipeline_config
-from pipeserve.runtime.pipeline_stage import StageRunner
+from pipeserve.runtime.pipeline.config import Device, parse_pipeline_config
+from pipeserve.runtime.pipeline.executor import (
+    PipelineRunner,
+    build_pipeline_runner,
+    create_pipeline_runner,
+)
+from pipeserve.runtime.pipeline.stage import StageRunner
 from tests.fixtures import graphs
 
 
@@ -50,8 +54,12 @@ def _assert_same(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]) 
 
 
 def _runner(path: Path, stages: int, micro: int | None, **params: str) -> PipelineRunner:
-    parameters = {"pipeline_devices": ",".join(["cpu"] * stages), "pipeline_cost": "estimate",
-                  "pipeline_threads_per_stage": "1", **params}
+    parameters = {
+        "pipeline_devices": ",".join(["cpu"] * stages),
+        "pipeline_cost": "estimate",
+        "pipeline_threads_per_stage": "1",
+        **params,
+    }
     if micro is not None:
         parameters["micro_batch_size"] = str(micro)
     runner = create_pipeline_runner(path, parameters, _spec())
@@ -101,7 +109,8 @@ def test_if_graph_with_early_output(
     onnx.save(graphs.branchy(), str(path))
     # `flag` is a scalar input with no batch dimension: such a model does not batch.
     runner = create_pipeline_runner(
-        path, {"pipeline_stages": str(stages), "pipeline_cost": "estimate"},
+        path,
+        {"pipeline_stages": str(stages), "pipeline_cost": "estimate"},
         _spec(max_batch_size=0),
     )
     assert runner is not None
@@ -222,8 +231,12 @@ def test_stage_statistics_and_callback(closing: list[PipelineRunner]) -> None:
             seen.append((stage, device, compute_ns, transfer_ns))
 
     path = graphs.torch_model("mlp")
-    parameters = {"pipeline_devices": "cpu,cpu,cpu", "micro_batch_size": "2",
-                  "pipeline_cost": "estimate", "pipeline_threads_per_stage": "1"}
+    parameters = {
+        "pipeline_devices": "cpu,cpu,cpu",
+        "micro_batch_size": "2",
+        "pipeline_cost": "estimate",
+        "pipeline_threads_per_stage": "1",
+    }
     runner = create_pipeline_runner(path, parameters, _spec(), on_stage=on_stage)
     assert runner is not None
     closing.append(runner)

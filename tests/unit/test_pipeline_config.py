@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pipeserve.errors import ConfigError
-from pipeserve.runtime.pipeline_config import Device, parse_pipeline_config
+from pipeserve.runtime.pipeline.config import Device, parse_pipeline_config
 
 
 def test_no_pipeline_keys_means_none() -> None:

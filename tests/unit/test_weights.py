@@ -14,11 +14,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeserve.errors import ModelLoadError
-from pipeserve.runtime.pack import pack_model
-from pipeserve.runtime.pack_index import INDEX_NAME
-from pipeserve.runtime.prefetch import merged
-from pipeserve.runtime.weight_checks import ByteRange
-from pipeserve.runtime.weights import open_session, open_stage_session, select_graph
+from pipeserve.weights.checks import ByteRange
+from pipeserve.weights.mapping import open_session, open_stage_session, select_graph
+from pipeserve.weights.pack import pack_model
+from pipeserve.weights.pack_index import INDEX_NAME
+from pipeserve.weights.prefetch import merged
 from tests.unit.weights_models import sample_input, save_external, save_inline, transformer_like
 
 CPU = ["CPUExecutionProvider"]
@@ -55,7 +55,9 @@ def first_layer(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = [n for n in model.graph.node if all(o.startswith("l0_") for o in n.output)]
     used = {name for n in nodes for name in n.input}
     graph = helper.make_graph(
-        nodes, "stage0", [model.graph.input[0]],
+        nodes,
+        "stage0",
+        [model.graph.input[0]],
         [helper.make_tensor_value_info("l0_out", TensorProto.FLOAT, None)],
         [t for t in model.graph.initializer if t.name in used],
     )
@@ -111,8 +113,9 @@ def test_every_prefetch_and_placement_gives_identical_outputs(
     packed: tuple[Path, Path], prefetch: object, placement: str
 ) -> None:
     src, out = packed
-    session, weights = open_session(out / "model.onnx", CPU, ort.SessionOptions(),
-                                    prefetch=prefetch, placement=placement)  # type: ignore[arg-type]
+    session, weights = open_session(
+        out / "model.onnx", CPU, ort.SessionOptions(), prefetch=prefetch, placement=placement
+    )  # type: ignore[arg-type]
     assert weights is not None and weights.placement == placement
     x = sample_input()
     assert np.array_equal(session.run(None, {"x": x})[0], plain(src, x))
@@ -164,24 +167,33 @@ def test_truncated_unpacked_external_file_names_the_tensor(tmp_path: Path) -> No
     src = save_external(transformer_like(), tmp_path / "model.onnx")
     data = tmp_path / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:70000])
-    with pytest.raises(ModelLoadError, match=r"initializer 'l0_w2': needs bytes up to \d+ of "
-                                             r"'.*model\.onnx\.data', which has only 70000"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"initializer 'l0_w2': needs bytes up to \d+ of "
+        r"'.*model\.onnx\.data', which has only 70000",
+    ):
         open_session(src, CPU, ort.SessionOptions())
 
 
 def test_missing_weight_file_is_a_clear_error(packed: tuple[Path, Path], tmp_path: Path) -> None:
     out = copy_pack(packed[1], tmp_path / "p")
     (out / "weights.bin").unlink()
-    with pytest.raises(ModelLoadError, match=r"weight file '.*weights\.bin' is missing \(needed by "
-                                             r"initializer 'l0_w1'\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"weight file '.*weights\.bin' is missing \(needed by "
+        r"initializer 'l0_w1'\)",
+    ):
         open_session(out / "model.onnx", CPU, ort.SessionOptions())
 
 
 def test_missing_unpacked_external_file_is_a_clear_error(tmp_path: Path) -> None:
     src = save_external(transformer_like(), tmp_path / "model.onnx", one_file=False)
     (tmp_path / "l1_w2").unlink()
-    with pytest.raises(ModelLoadError, match=r"initializer 'l1_w2': weight file '.*l1_w2' is "
-                                             r"missing"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"initializer 'l1_w2': weight file '.*l1_w2' is "
+        r"missing",
+    ):
         open_session(src, CPU, ort.SessionOptions())
 
 
@@ -193,9 +205,12 @@ def test_index_that_does_not_match_the_graph_names_the_tensor(
     entry = next(t for t in index["tensors"] if t["name"] == "l0_w2")
     entry["offset"] += 65536
     (out / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match=r"initializer 'l0_w2': the graph puts it at offset "
-                                             r"\d+ length 65536 of '.*weights\.bin', the index "
-                                             r"says offset \d+ length 65536"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"initializer 'l0_w2': the graph puts it at offset "
+        r"\d+ length 65536 of '.*weights\.bin', the index "
+        r"says offset \d+ length 65536",
+    ):
         open_session(out / "model.onnx", CPU, ort.SessionOptions(), prepack=False)
 
 
@@ -220,11 +235,15 @@ def test_corrupted_bytes_are_caught_by_checksum_verification(
     del session
     assert weights is not None
     weights.close()
-    with pytest.raises(ModelLoadError, match=r"initializer 'l1_w1': checksum of bytes "
-                                             r"\d+\.\.\d+ of '.*weights\.bin' is [0-9a-f]{8}, the "
-                                             r"index says [0-9a-f]{8} \(file corrupted\)"):
-        open_session(out / "model.onnx", CPU, ort.SessionOptions(), prepack=False,
-                     verify_checksums=True)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"initializer 'l1_w1': checksum of bytes "
+        r"\d+\.\.\d+ of '.*weights\.bin' is [0-9a-f]{8}, the "
+        r"index says [0-9a-f]{8} \(file corrupted\)",
+    ):
+        open_session(
+            out / "model.onnx", CPU, ort.SessionOptions(), prepack=False, verify_checksums=True
+        )
 
 
 def test_graph_from_another_machine_falls_back_to_the_portable_graph(
@@ -236,7 +255,7 @@ def test_graph_from_another_machine_falls_back_to_the_portable_graph(
     index["optimized"]["fingerprint"]["cpu_flags_sha256"] = "elsewhere"
     (out / INDEX_NAME).write_text(json.dumps(index))
     assert select_graph(out / "model.onnx", CPU) == out / "model.onnx"
-    with caplog.at_level(logging.WARNING, logger="pipeserve.runtime.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeserve.weights.mapping"):
         session, weights = open_session(out / "model.cpu.onnx", CPU, ort.SessionOptions())
     assert "optimised on another machine" in caplog.text
     assert weights is not None and weights.graph_path == out / "model.onnx"
@@ -249,8 +268,9 @@ def test_graph_from_another_machine_falls_back_to_the_portable_graph(
 def test_close_releases_the_mapping_and_the_file(packed: tuple[Path, Path], tmp_path: Path) -> None:
     out = copy_pack(packed[1], tmp_path / "p")
     data = out / "weights.bin"
-    session, weights = open_session(out / "model.onnx", CPU, ort.SessionOptions(),
-                                    placement="initializers")
+    session, weights = open_session(
+        out / "model.onnx", CPU, ort.SessionOptions(), placement="initializers"
+    )
     assert weights is not None
     session.run(None, {"x": sample_input()})
     assert maps_of(data)
@@ -318,7 +338,15 @@ def test_stage_cut_from_the_cpu_graph_keeps_its_prepacked_blobs(packed: tuple[Pa
 
 def test_prefetch_merges_neighbouring_ranges_per_file(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
-    ranges = [ByteRange(a, 200_000, 10), ByteRange(a, 0, 100), ByteRange(a, 65536 + 50, 10),
-              ByteRange(b, 0, 10), ByteRange(a, 5, 0)]
-    assert merged(ranges) == [ByteRange(a, 0, 65596), ByteRange(a, 200_000, 10),
-                              ByteRange(b, 0, 10)]
+    ranges = [
+        ByteRange(a, 200_000, 10),
+        ByteRange(a, 0, 100),
+        ByteRange(a, 65536 + 50, 10),
+        ByteRange(b, 0, 10),
+        ByteRange(a, 5, 0),
+    ]
+    assert merged(ranges) == [
+        ByteRange(a, 0, 65596),
+        ByteRange(a, 200_000, 10),
+        ByteRange(b, 0, 10),
+    ]

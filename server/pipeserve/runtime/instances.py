@@ -18,7 +18,7 @@ import onnxruntime as ort
 from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
 from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
 from pipeserve.runtime.devices import available_cpus, providers_for
-from pipeserve.runtime.weights import MappedWeights, open_session, release_weights
+from pipeserve.weights.mapping import MappedWeights, open_session, release_weights
 
 log = logging.getLogger(__name__)
 

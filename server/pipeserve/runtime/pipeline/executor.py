@@ -31,9 +31,9 @@ import numpy as np
 
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
-from pipeserve.runtime.partition import Plan, partition_model
-from pipeserve.runtime.pipeline_config import PipelineConfig, parse_pipeline_config
-from pipeserve.runtime.pipeline_stage import StageRunner, to_numpy
+from pipeserve.partition.partitioner import Plan, partition_model
+from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
+from pipeserve.runtime.pipeline.stage import StageRunner, to_numpy
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeserve.errors import PipeserveError
-from pipeserve.runtime.cost import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
-from pipeserve.runtime.partition import Plan, partition_model
+from pipeserve.partition.cost import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
+from pipeserve.partition.partitioner import Plan, partition_model
 
 
 def add_split_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

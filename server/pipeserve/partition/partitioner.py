@@ -24,9 +24,9 @@ import onnx
 from onnx import helper, shape_inference
 
 from pipeserve.errors import ConfigError
-from pipeserve.runtime import cost as cost_model
-from pipeserve.runtime.cuts import choose_cuts
-from pipeserve.runtime.graph_index import GraphIndex
+from pipeserve.partition import cost as cost_model
+from pipeserve.partition.cuts import choose_cuts
+from pipeserve.partition.graph_index import GraphIndex
 
 log = logging.getLogger(__name__)
 

@@ -40,22 +40,22 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from pipeserve.errors import ModelLoadError
-from pipeserve.runtime.external_data import (
-    ExternalRef,
-    external_refs,
-    is_sub_byte,
-    iter_initializers,
-)
-from pipeserve.runtime.pack_index import PackIndex, cpu_fingerprint, read_index
-from pipeserve.runtime.prefetch import Prefetch, PrefetchJob, prefetch_mode
-from pipeserve.runtime.weight_checks import (
+from pipeserve.weights.checks import (
     ByteRange,
     byte_ranges,
     check_against_index,
     check_files,
     resolver,
 )
-from pipeserve.runtime.weight_checks import verify_checksums as verify_crc32
+from pipeserve.weights.checks import verify_checksums as verify_crc32
+from pipeserve.weights.external_data import (
+    ExternalRef,
+    external_refs,
+    is_sub_byte,
+    iter_initializers,
+)
+from pipeserve.weights.pack_index import PackIndex, cpu_fingerprint, read_index
+from pipeserve.weights.prefetch import Prefetch, PrefetchJob, prefetch_mode
 
 log = logging.getLogger(__name__)
 

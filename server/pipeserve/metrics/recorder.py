@@ -14,7 +14,7 @@ Shape:
 Why not prometheus_client's Counter/Histogram children: prometheus_client always exposes a counter
 as `<name>_total`, while Triton's counters carry no suffix and existing dashboards query
 `nv_inference_request_success`; and each child takes its own lock, about a dozen per request.
-Triton-style counters are `TritonCounterFamily`, which `pipeserve.metrics_http.render_metrics`
+Triton-style counters are `TritonCounterFamily`, which `pipeserve.metrics.http.render_metrics`
 writes without the suffix.
 """
 
@@ -34,7 +34,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from pipeserve.metrics_gpu import GpuCollector
+from pipeserve.metrics.gpu import GpuCollector
 from pipeserve.observers import ExecutionTimings
 
 # Latency bucket upper bounds in nanoseconds: 10 us .. 60 s on a 1-2.5-5 ladder, so that p50/p95/p99

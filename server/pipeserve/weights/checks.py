@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeserve.errors import ModelLoadError
-from pipeserve.runtime.external_data import ExternalRef
-from pipeserve.runtime.pack_index import PackIndex, TensorEntry, crc32_of
+from pipeserve.weights.external_data import ExternalRef
+from pipeserve.weights.pack_index import PackIndex, TensorEntry, crc32_of
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-from pipeserve.metrics import Labels, TritonCounterFamily, escape_label_value
+from pipeserve.metrics.recorder import Labels, TritonCounterFamily, escape_label_value
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_HEAD_BYTES = 16 * 1024

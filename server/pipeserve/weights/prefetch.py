@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from pipeserve.runtime.weight_checks import ByteRange
+from pipeserve.weights.checks import ByteRange
 
 log = logging.getLogger(__name__)
 

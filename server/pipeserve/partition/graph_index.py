@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import onnx
 
 from pipeserve.errors import ConfigError
-from pipeserve.runtime.cost import real_inputs
+from pipeserve.partition.cost import real_inputs
 
 # Ops that are cheap when they only touch shape arithmetic, scalars or graph inputs.
 RECOMPUTABLE_OPS = frozenset(

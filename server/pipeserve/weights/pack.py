@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from pipeserve.errors import ModelLoadError, PipeserveError
-from pipeserve.runtime.external_data import (
+from pipeserve.weights.external_data import (
     Prepacked,
     PrepackedBlob,
     external_ref,
@@ -42,7 +42,7 @@ from pipeserve.runtime.external_data import (
     iter_initializers,
     set_external,
 )
-from pipeserve.runtime.pack_index import (
+from pipeserve.weights.pack_index import (
     BlobEntry,
     OptimizedGraph,
     PackIndex,

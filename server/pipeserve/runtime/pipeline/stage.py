@@ -22,9 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
-from pipeserve.runtime.partition import StagePlan
-from pipeserve.runtime.pipeline_config import Device
-from pipeserve.runtime.weights import MappedWeights, open_stage_session, release_weights
+from pipeserve.partition.partitioner import StagePlan
+from pipeserve.runtime.pipeline.config import Device
+from pipeserve.weights.mapping import MappedWeights, open_stage_session, release_weights
 
 log = logging.getLogger(__name__)
 
