@@ -28,6 +28,8 @@ class TensorSpec:
     dims: tuple[int, ...]
     optional: bool = False
     allow_ragged_batch: bool = False
+    # Outputs: the classification labels from the config's label_filename (index i = line i).
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ class InferRequest:
     datatypes: Mapping[str, str] = field(default_factory=dict)
     priority: int = 0
     timeout_us: int = 0
+    # Outputs asked for as top-N classes (Triton's classification extension): name -> N.
+    classification: Mapping[str, int] = field(default_factory=dict)
     # Monotonic arrival time; durations and queue deadlines are measured from it.
     arrival_ns: int = field(default_factory=time.monotonic_ns)
     # Set by ModelSpec.validate: the request's own batch dimension (1 for non-batching models).

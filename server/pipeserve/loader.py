@@ -15,6 +15,7 @@ from pipeserve.api.generated import model_config_pb2 as mc
 from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.factory import batching_policy
 from pipeserve.batching.policy import BatchingPolicy
+from pipeserve.classification import read_labels
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
 from pipeserve.repository.config import (
@@ -104,6 +105,11 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
         ],
         parameters,
     )
+    labels = {
+        o.name: read_labels(folder, o.label_filename, o.name)
+        for o in config.output
+        if o.label_filename
+    }
     # Built (and checked against the model) once: every version has the same config.
     samples = warmup_samples(config, model_spec(config, newest), folder)
     loaded: dict[int, LoadedVersion] = {}
@@ -113,7 +119,7 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             if version != newest:
                 validate_config(config, read_graph_io(path))
             start = time.monotonic()
-            spec = model_spec(config, version)
+            spec = model_spec(config, version, labels)
             batching = batching_policy(config, spec)  # a bad section fails before any session
             sink = StageSink()
             # A model with pipeline parameters runs as stages; any other as plain instances.

@@ -330,11 +330,15 @@ def test_unknown_requested_output(client: grpcclient.InferenceServerClient) -> N
     )
 
 
-def test_classification_is_refused(client: grpcclient.InferenceServerClient) -> None:
-    inputs = [tensor("INPUT0", fp32(1, 16)), tensor("INPUT1", fp32(1, 16))]
+def test_classification_of_a_bytes_output_is_refused(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    inputs = [tensor("INPUT0", np.array([b"a", b"b", b"c"], dtype=np.object_), "BYTES")]
     outputs = [grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]
-    err = infer_error(client, "add_sub", inputs, outputs=outputs)
-    assert_error(err, "INVALID_ARGUMENT", "output 'OUTPUT0'", "classification")
+    err = infer_error(client, "strings", inputs, outputs=outputs)
+    assert_error(
+        err, "INVALID_ARGUMENT", "output 'OUTPUT0'", "class result not available", "'BYTES'"
+    )
 
 
 # ---- BYTES ----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.e2e.lifecycle import (
     factor_of,
     fire_slow_requests,
     index_of,
+    place_broken,
     place_model,
     remove_model,
     rpc_error,
@@ -303,8 +304,7 @@ def explicit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     place_model(repo, "overridden", {1: om.scale(6.0)})
     place_model(repo, "changing", {1: om.scale(2.0)})
     place_model(repo, "slow", {1: slow_model()}, SLOW_CONFIG)
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x07 not a protobuf \xff\xff")
+    place_broken(repo, "broken")
     return repo
 
 

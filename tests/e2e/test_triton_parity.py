@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -26,6 +27,7 @@ from tests.e2e.lifecycle import (
     client_for,
     factor_of,
     index_of,
+    place_broken,
     place_model,
     rpc_error,
     scale_infer,
@@ -74,6 +76,12 @@ WARM_FAILS = WARMUP.format(
 )
 
 
+CLASSES = """
+max_batch_size: 8
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] label_filename: "labels.txt" } ]
+"""
+
+
 @pytest.fixture(scope="module")
 def none_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("parity_repo")
@@ -83,6 +91,10 @@ def none_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         place_model(repo, name, {1: om.scale(1.0)}, config)
     place_model(repo, "warmed", {1: om.scale(3.0)}, WARMED)
     place_model(repo, "warm_bad_dims", {1: om.scale(1.0)}, WARM_BAD_DIMS)
+    folder = place_model(repo, "classes", {1: om.scale(1.0)}, CLASSES)
+    (folder / "labels.txt").write_text("zero\none\ntwo\n")  # index 3 has no label
+    place_model(repo, "classes_flat", {1: om.identity(onnx.TensorProto.INT32, [2, 3])})
+    place_model(repo, "no_labels_file", {1: om.scale(1.0)}, CLASSES)
     folder = place_model(repo, "warm_fails", {1: om.gather()}, WARM_FAILS)
     (folder / "warmup").mkdir()
     (folder / "warmup" / "oob.bin").write_bytes(np.array([100], np.int64).tobytes())
@@ -254,8 +266,7 @@ def test_the_ready_line_lists_ready_and_failed_models_apart(none_server: ServerP
 def explicit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("parity_explicit")
     place_model(repo, "good", {1: om.scale(2.0)})
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    place_broken(repo, "broken")
     return repo
 
 
@@ -356,3 +367,83 @@ def test_a_failed_poll_reload_shows_its_reason_while_the_old_version_serves(
     # A good change reloads and clears the reason.
     write_atomically(tmp_path / "changing" / "config.pbtxt", b"max_batch_size: 4")
     assert wait_until(lambda: reason() == "", timeout=20), index_of(client)
+
+
+# ---- the classification extension -------------------------------------------------------------
+
+
+def classes_of(
+    client: grpcclient.InferenceServerClient, model: str, x: np.ndarray, count: int, dt: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(classification strings, the raw output of the same request without classification)."""
+    inp = grpcclient.InferInput("x" if model == "classes" else "INPUT0", list(x.shape), dt)
+    inp.set_data_from_numpy(x)
+    out = "y" if model == "classes" else "OUTPUT0"
+    classified = client.infer(
+        model, [inp], outputs=[grpcclient.InferRequestedOutput(out, class_count=count)]
+    )
+    raw = client.infer(model, [inp]).as_numpy(out)
+    result = classified.as_numpy(out)
+    assert classified.get_output(out).datatype == "BYTES"
+    return result, raw
+
+
+def test_classification_answers_triton_strings_per_batch_entry(none_server: ServerProcess) -> None:
+    client = client_for(none_server)
+    x = np.array([[0.5, 0.25, 2.0, 1.0], [3.0, -1.0, 0.0, 4.0]], dtype=np.float32)
+    got, raw = classes_of(client, "classes", x, 3, "FP32")
+    assert got.shape == (2, 3)
+    np.testing.assert_array_equal(raw, x)  # scale 1.0: the classes are x's own
+    assert got.tolist() == [
+        [b"2.000000:2:two", b"1.000000:3", b"0.500000:0:zero"],
+        [b"4.000000:3", b"3.000000:0:zero", b"0.000000:2:two"],
+    ]
+    # More classes asked than exist: every class.
+    got, _ = classes_of(client, "classes", x[:1], 10, "FP32")
+    assert got.shape == (1, 4)
+
+
+def test_classification_of_a_model_without_batching_covers_the_whole_tensor(
+    none_server: ServerProcess,
+) -> None:
+    x = np.array([[1, 9, 3], [7, 2, 8]], dtype=np.int32)
+    got, _ = classes_of(client_for(none_server), "classes_flat", x, 2, "INT32")
+    assert got.tolist() == [b"9:1", b"8:5"]
+
+
+def test_classification_works_on_streams_and_is_listed(none_server: ServerProcess) -> None:
+    client = client_for(none_server)
+    assert "classification" in client.get_server_metadata().extensions
+    results: queue.Queue[object] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put(error or result))
+    try:
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.array([[0.0, 5.0, 1.0, 2.0]], np.float32))
+        out = grpcclient.InferRequestedOutput("y", class_count=1)
+        client.async_stream_infer("classes", [inp], outputs=[out])
+        result = results.get(timeout=30)
+    finally:
+        client.stop_stream()
+    assert isinstance(result, grpcclient.InferResult), result
+    assert result.as_numpy("y").tolist() == [[b"5.000000:1:one"]]
+
+
+def test_a_missing_label_file_fails_the_load(none_server: ServerProcess) -> None:
+    [(_, state, reason)] = index_of(client_for(none_server))["no_labels_file"]
+    assert state == "UNAVAILABLE"
+    assert "cannot read label_filename 'labels.txt'" in reason, reason
+
+
+def test_a_bad_class_count_is_refused_as_triton_does(none_server: ServerProcess) -> None:
+    client = client_for(none_server)
+    inp = grpcclient.InferInput("x", [1, 4], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+    request = service_pb2.ModelInferRequest(model_name="classes")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    request.outputs.add(name="y").parameters["classification"].int64_param = 0
+    with grpc.insecure_channel(none_server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "invalid value for 'classification' parameter, expected >= 0"
+    assert client.is_model_ready("classes")

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.classification import PARAMETER as CLASSIFICATION
+from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
@@ -78,13 +80,12 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         datatypes[tensor.name] = tensor.datatype
         inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
     requested = []
+    classification: dict[str, int] = {}
     for out in msg.outputs:
-        if "classification" in out.parameters:
-            raise InvalidInputError(
-                f"output '{out.name}': the classification extension is not supported"
-            )
         if any(key in out.parameters for key in _UNSUPPORTED_TENSOR_PARAMS):
             raise UnsupportedError(f"output '{out.name}': shared memory is not supported")
+        if CLASSIFICATION in out.parameters:
+            classification[out.name] = class_count(parameter_value(out.parameters[CLASSIFICATION]))
         requested.append(out.name)
     return InferRequest(
         model_name=msg.model_name,
@@ -96,6 +97,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         datatypes=datatypes,
         priority=_int_param(params, "priority"),
         timeout_us=_int_param(params, "timeout"),
+        classification=classification,
     )
 
 
@@ -159,7 +161,12 @@ def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferRe
     )
     declared = {o.name: o.datatype for o in spec.outputs}
     for name, array in response.outputs.items():
-        datatype = declared.get(name) or triton_from_numpy(array.dtype)
+        # An object array is BYTES whatever the output declares (a classified output).
+        datatype = (
+            "BYTES"
+            if array.dtype == np.object_
+            else declared.get(name) or triton_from_numpy(array.dtype)
+        )
         out = msg.outputs.add()
         out.name = name
         out.datatype = datatype

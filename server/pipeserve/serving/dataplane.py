@@ -17,7 +17,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeserve import __version__
+from pipeserve.classification import check_requested, classify
 from pipeserve.errors import (
     ConfigError,
     InvalidInputError,
@@ -43,6 +46,7 @@ EXTENSIONS = (
     "statistics",
     "binary_tensor_data",
     "parameters",
+    "classification",
 )
 
 # A load parameter's value, as the protocols carry it (gRPC's ModelRepositoryParameter oneof;
@@ -171,13 +175,32 @@ class DataPlane:
     async def infer(self, served: ServedVersion, request: InferRequest) -> InferResponse:
         """Validate and queue `request` on `served` (synchronously: call it right after `lookup`,
         with no await between), then wait for its outputs."""
+        if request.classification:
+            declared = {o.name: o.datatype for o in served.spec.outputs}
+            check_requested(request.classification, declared, served.name)
         outputs = await served.submit(request)
+        if request.classification:
+            outputs = self._classified(served, request.classification, outputs)
         return InferResponse(
             model_name=served.name,
             model_version=str(served.version),
             request_id=request.request_id,
             outputs=outputs,
         )
+
+    @staticmethod
+    def _classified(
+        served: ServedVersion, classification: Mapping[str, int], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Replace each output asked for as classes by its top-N "value:index:label" strings."""
+        labels = {o.name: o.labels for o in served.spec.outputs}
+        batching = served.spec.batching
+        return {
+            name: classify(array, classification[name], labels.get(name, ()), batching)
+            if name in classification
+            else array
+            for name, array in outputs.items()
+        }
 
     def check_response_size(self, served: ServedVersion, nbytes: int) -> None:
         """The server's one response-size policy (--max-message-bytes), for every protocol:
