@@ -24,7 +24,7 @@ from pipeserve.batching.base import Scheduler
 from pipeserve.batching.factory import create_scheduler
 from pipeserve.errors import (
     InvalidInputError,
-    ModelLoadError,
+    LoadFailedError,
     ModelNotFoundError,
     ModelNotReadyError,
     PipeserveError,
@@ -232,7 +232,7 @@ class Registry:
         """Load or reload `name` from the repository (or from `files`). A failed reload keeps the
         versions already serving (its reason shows in the index); a failed first load leaves the
         model UNAVAILABLE with the reason. A failure is logged at `failure_level` (a load a
-        client asked for is the client's problem: WARNING). Raises ModelLoadError."""
+        client asked for is the client's problem: WARNING). Raises LoadFailedError."""
         check_name(name)
         model = self._models.setdefault(name, _Model(name))
         async with model.lock:
@@ -275,7 +275,7 @@ class Registry:
                     model.reason = reason
                     log.log(failure_level, "failed to load model '%s': %s", name, reason)
                 self._on_change()
-                raise ModelLoadError(f"failed to load '{name}': {reason}") from None
+                raise LoadFailedError(f"load failed for model '{name}': {reason}") from None
             seconds = time.monotonic() - start
             new_versions = {v: self._serve(name, loaded, v) for v in loaded.versions}
             old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir

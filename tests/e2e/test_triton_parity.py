@@ -330,7 +330,8 @@ def test_failed_load_is_a_warning_and_strict_readiness_follows_it(
     try:
         assert seen.get(timeout=10) == health_pb2.HealthCheckResponse.SERVING
         err = rpc_error(client.load_model, "broken")
-        assert "failed to load 'broken'" in err.message()
+        assert err.status() == "StatusCode.INVALID_ARGUMENT"
+        assert err.message().startswith("load failed for model 'broken': "), err.message()
         assert wait_until(warning_with(explicit_server, "failed to load model 'broken'"), 10)
         assert not client.is_server_ready()
         assert seen.get(timeout=10) == health_pb2.HealthCheckResponse.NOT_SERVING

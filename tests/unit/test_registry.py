@@ -58,7 +58,7 @@ def test_failed_reload_keeps_old_version(tmp_path):
         registry = Registry(tmp_path)
         await registry.load("scale")
         (tmp_path / "scale" / "1" / "model.onnx").write_bytes(b"corrupt")
-        with pytest.raises(ModelLoadError, match="failed to load 'scale'"):
+        with pytest.raises(ModelLoadError, match="load failed for model 'scale'"):
             await registry.load("scale")
         assert (await _infer(registry, np.ones((1, 4), np.float32)))[0, 0] == 2.0
         assert registry.index()[0].state is ModelState.READY
