@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeserve.errors import InvalidInputError
-from pipeserve.tensors import numpy_dtype
+from pipeserve.tensors import numpy_dtype, triton_from_numpy
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,16 @@ class ModelSpec:
 
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
+
+    def output_datatype(self, name: str, dtype: np.dtype) -> str:
+        """The datatype an output array goes out as: as declared, except that an object array
+        is BYTES whatever the output declares (a classified output's "value:index:label")."""
+        if dtype == np.object_:
+            return "BYTES"
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec.datatype
+        return triton_from_numpy(dtype)
 
     def validate(self, request: InferRequest) -> None:
         """Check names, datatypes, ranks, dims and batch size; set `request.batch_size`.

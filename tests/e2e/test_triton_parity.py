@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from pipeserve.api.generated import health_pb2, health_pb2_grpc
@@ -437,8 +438,6 @@ def test_a_missing_label_file_fails_the_load(none_server: ServerProcess) -> None
 
 def test_a_bad_class_count_is_refused_as_triton_does(none_server: ServerProcess) -> None:
     client = client_for(none_server)
-    inp = grpcclient.InferInput("x", [1, 4], "FP32")
-    inp.set_data_from_numpy(np.ones((1, 4), np.float32))
     request = service_pb2.ModelInferRequest(model_name="classes")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
     request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
@@ -448,3 +447,19 @@ def test_a_bad_class_count_is_refused_as_triton_does(none_server: ServerProcess)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == "invalid value for 'classification' parameter, expected >= 0"
     assert client.is_model_ready("classes")
+
+
+def test_classification_over_http_takes_the_same_path(none_server: ServerProcess) -> None:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{none_server.http_port}")
+    try:
+        x = np.array([[0.5, 0.25, 2.0, 1.0]], dtype=np.float32)
+        inp = httpclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        for binary in (True, False):
+            out = httpclient.InferRequestedOutput("y", binary_data=binary, class_count=2)
+            result = client.infer("classes", [inp], outputs=[out])
+            assert result.get_output("y")["datatype"] == "BYTES"
+            got = [v if isinstance(v, bytes) else v.encode() for v in result.as_numpy("y")[0]]
+            assert got == [b"2.000000:2:two", b"1.000000:3"]
+    finally:
+        client.close()

@@ -22,7 +22,6 @@ from pipeserve.tensors import (
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
-    triton_from_numpy,
     utf8_element,
 )
 
@@ -159,14 +158,8 @@ def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferRe
         model_version=response.model_version,
         id=response.request_id,
     )
-    declared = {o.name: o.datatype for o in spec.outputs}
     for name, array in response.outputs.items():
-        # An object array is BYTES whatever the output declares (a classified output).
-        datatype = (
-            "BYTES"
-            if array.dtype == np.object_
-            else declared.get(name) or triton_from_numpy(array.dtype)
-        )
+        datatype = spec.output_datatype(name, array.dtype)
         out = msg.outputs.add()
         out.name = name
         out.datatype = datatype
