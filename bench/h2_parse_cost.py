@@ -6,9 +6,10 @@ What remains is the transport's own work: frame parsing, the RFC 9113 checks, he
 decoding (cached), stream bookkeeping, response framing. No socket, no model, one thread: CPU
 time is what is measured, so it is far less sensitive to a busy machine than throughput.
 
-Compares two checkouts' `server/` (each run in its own interpreter), alternating, repeated:
+Compares two checkouts' `server/` (each run in its own interpreter), alternating, repeated
+(`git archive COMMIT server | tar -x -C DIR` makes one):
 
-    .venv/bin/python bench/h2_parse_cost.py --before-src DIR --rounds 7
+    .venv/bin/python bench/h2_parse_cost.py --before-src DIR [--after-src DIR] --rounds 7
 
 Prints per-round microseconds per call and the medians, and after/before.
 """
@@ -112,10 +113,13 @@ def measure(src: Path, calls: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before-src", type=Path, required=True, help="checkout with server/")
+    parser.add_argument(
+        "--after-src", type=Path, default=HERE, help="checkout with server/ (default: this one)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=100_000)
     args = parser.parse_args()
-    sources = {"before": args.before_src.resolve(), "after": HERE}
+    sources = {"before": args.before_src.resolve(), "after": args.after_src.resolve()}
     seen: dict[str, list[float]] = {"before": [], "after": []}
     for r in range(args.rounds):
         for name in ("before", "after") if r % 2 == 0 else ("after", "before"):

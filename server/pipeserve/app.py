@@ -6,7 +6,7 @@ Start:  metrics endpoint -> gRPC server (live, not ready) -> HTTP server -> init
 Stop:   not ready (health says NOT_SERVING) -> gRPC and HTTP, together, stop accepting and wait
         for in-flight requests (up to exit_timeout_secs; HTTP closes each keep-alive connection
         after its in-flight request) -> repository poller -> every model drained and unloaded ->
-        metrics endpoint.
+        metrics endpoint -> metrics (NVML released).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pipeserve.api.grpc_service import InferenceService
 from pipeserve.api.h2.limits import grpcio_limit_options, h2_limits
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
+from pipeserve.api.http.listener import HttpLimits, HttpServer
 from pipeserve.api.http.routes import Router
-from pipeserve.api.http.server import HttpLimits, HttpServer
+from pipeserve.api.http.server import HttpApp
 from pipeserve.metrics.http import MetricsServer, start_metrics_server
 from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
@@ -71,11 +72,10 @@ class App:
         self.http: HttpServer | None = None
         if settings.http:
             self.http = HttpServer(
-                Router(self.data_plane, limit),
+                HttpApp(Router(self.data_plane, limit), limit),
                 settings.host,
                 settings.http_port,
                 HttpLimits(
-                    max_body_bytes=limit,
                     max_connections=settings.http_max_connections,
                     max_header_bytes=settings.http_max_header_bytes,
                     keep_alive_secs=settings.http_keep_alive_secs,
@@ -136,6 +136,8 @@ class App:
         await self.registry.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self.metrics is not None:
+            self.metrics.close()  # NVML, opened by ServerMetrics when it found a GPU
         log.info("pipeserve stopped")
 
     async def run_until_signalled(self) -> None:

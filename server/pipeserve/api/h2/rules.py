@@ -128,6 +128,9 @@ def window_increment(stream_id: int, payload: memoryview) -> int:
     return increment
 
 
+MAX_FRAME_LIMIT = 16_777_215  # 2^24-1, the largest SETTINGS_MAX_FRAME_SIZE
+
+
 def check_settings(values: list[tuple[int, int]]) -> None:
     """The values RFC 9113 6.5.2 bounds; unknown settings are ignored."""
     for key, value in values:
@@ -143,9 +146,6 @@ def check_settings(values: list[tuple[int, int]]) -> None:
                 f"SETTINGS_MAX_FRAME_SIZE of {value} outside "
                 f"{f.DEFAULT_MAX_FRAME}..{MAX_FRAME_LIMIT}",
             )
-
-
-MAX_FRAME_LIMIT = 16_777_215  # 2^24-1, the largest SETTINGS_MAX_FRAME_SIZE
 
 
 # ---- flow control (RFC 9113 6.9) ----------------------------------------------------------
