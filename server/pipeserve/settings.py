@@ -255,7 +255,7 @@ class Settings:
 
 def transport_limit_names() -> tuple[str, ...]:
     """The settings that bound what gRPC clients can make the server hold: one per field of
-    api/h2's H2Limits (tests/unit/h2/test_settings_wiring.py keeps the two in step)."""
+    api/h2's H2Limits (tests/unit/api/h2/test_h2_limits_settings.py keeps the two in step)."""
     return _TRANSPORT_LIMITS
 
 

@@ -191,8 +191,14 @@ class Call:
     def data(self, payload: memoryview, end: bool) -> None:
         if self.stream.done:
             return
-        if payload and not self._charge(len(payload)):
-            return
+        n = len(payload)
+        if n:
+            limits = self.limits
+            if limits.inflight + n > limits.max_inflight:
+                self._over_inflight()
+                return
+            limits.inflight += n  # _charge, inlined: this runs for every DATA frame
+            self.charged += n
         if self.messages is None:
             self._unary_data(payload, end)
         else:
@@ -204,15 +210,18 @@ class Call:
         suffered)."""
         limits = self.limits
         if limits.inflight + n > limits.max_inflight:
-            self._fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server over its in-flight request limit ({limits.max_inflight} bytes held by "
-                "calls in progress): retry later",
-            )
+            self._over_inflight()
             return False
         limits.inflight += n
         self.charged += n
         return True
+
+    def _over_inflight(self) -> None:
+        self._fail(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server over its in-flight request limit ({self.limits.max_inflight} bytes held by "
+            "calls in progress): retry later",
+        )
 
     def _uncharge(self, n: int) -> None:
         n = min(n, self.charged)

@@ -221,7 +221,8 @@ class Stream:
         self.done = True
         conn = self.conn
         conn.streams.pop(self.id, None)
-        conn.release(self)
+        if conn.ready or conn.stalled:
+            conn.release(self)
         if not self.remote_closed:
             # The answer is complete; tell the client to stop sending (gRPC over HTTP/2 spec).
             conn.write(f.rst_stream(self.id, f.NO_ERROR))
@@ -229,7 +230,7 @@ class Stream:
         else:
             conn.closed_streams.add(self.id, rules.ENDED)
         self._wake()
-        conn.stream_finished(answered=True)
+        conn.stream_finished(True)
 
     def _wake(self) -> None:
         if self.drained is not None and not self.drained.done():
@@ -266,13 +267,13 @@ class Stream:
         self._wake()
         if self.call is not None:
             self.call.reset()
-        conn.stream_finished(answered=False)
+        conn.stream_finished(False)
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, endpoint: Endpoint, limits: H2Limits) -> None:
+    def __init__(self, endpoint: Endpoint, limits: H2Limits | None = None) -> None:
         self.endpoint = endpoint
-        self.limits = limits
+        self.limits = limits = limits or H2Limits()
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         # Streams with output waiting: `ready` ones have stream window and wait for the
@@ -320,7 +321,11 @@ class Connection(asyncio.Protocol):
         self.answered = False  # response HEADERS or DATA sent since the last client PING
         self._ping_strikes = 0
         self._last_ping = -1e18
+        self._reset_burst = limits.reset_burst
         self._reset_tokens = float(limits.reset_burst)
+        # Read on every new stream: kept at hand.
+        self._max_streams = limits.max_concurrent_streams
+        self._max_held = limits.max_held_output_bytes
         self._reset_at = now
         self._rates: dict[str, list[float]] = {}
 
@@ -498,7 +503,7 @@ class Connection(asyncio.Protocol):
             self._loop.call_later(_LINGER, transport.abort)
 
     def stream_finished(self, answered: bool) -> None:
-        if answered and self._reset_tokens < self.limits.reset_burst:
+        if answered and self._reset_tokens < self._reset_burst:
             self._reset_tokens += 1  # a stream answered earns the client one more reset
         if not self.streams:
             self._idle_since = self._loop.time()
@@ -856,11 +861,7 @@ class Connection(asyncio.Protocol):
         headers = self._request(stream_id, block)
         if depends_on == stream_id:
             rules.check_dependency(stream_id, depends_on)
-        if (
-            self.going_away
-            or len(self.streams) >= self.limits.max_concurrent_streams
-            or self.held > self.limits.max_held_output_bytes
-        ):
+        if self.going_away or len(self.streams) >= self._max_streams or self.held > self._max_held:
             self.control(f.rst_stream(stream_id, f.REFUSED_STREAM))
             self.closed_streams.add(stream_id, rules.RESET_BY_US)
             return

@@ -100,8 +100,9 @@ def h2_limits(settings: Settings) -> H2Limits:
 
 
 def grpcio_limit_options(settings: Settings) -> list[tuple[str, int]]:
-    """The same limits for grpc.aio, where grpc-core has an option for them (0 = its default,
-    which is also off for the timeouts)."""
+    """The same limits for grpc.aio, where grpc-core has an option for them. A timeout of 0 is
+    not passed on, so grpc-core keeps its own default for it (off for idle and age, 2 h and
+    20 s for keepalive, 120 s for the handshake)."""
     s = settings
 
     def ms(seconds: float) -> int:

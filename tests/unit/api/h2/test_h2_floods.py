@@ -9,7 +9,7 @@ import asyncio
 
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.limits import H2Limits
-from tests.unit.h2.hostile import (
+from tests.unit.api.h2.hostile import (
     RawClient,
     echo,
     ending,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +26,7 @@ from pipeserve.api.h2.limits import H2Limits
 from pipeserve.api.h2.server import H2Server
 from tests.unit.h2_driver import SERVICE, EchoService, RawClient, channel, message
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+ROOT = str(Path(__file__).resolve().parents[4])  # the repository: where `-m tests...` runs
 
 
 class StatsService(EchoService):
@@ -186,7 +187,7 @@ def subprocess_server(
 ) -> Iterator[Subprocess]:
     config = json.dumps({"limits": asdict(limits or H2Limits()), "max_message": max_message})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.unit.h2.serve", config],
+        [sys.executable, "-m", "tests.unit.api.h2.hostile_server", config],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

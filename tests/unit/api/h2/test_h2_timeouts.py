@@ -9,7 +9,7 @@ import asyncio
 import grpc
 
 from pipeserve.api.h2 import frames as f
-from tests.unit.h2.hostile import (
+from tests.unit.api.h2.hostile import (
     SERVICE,
     RawClient,
     channel,

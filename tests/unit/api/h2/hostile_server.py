@@ -1,5 +1,6 @@
-"""`python -m tests.unit.h2.serve '<json>'`: the Stats echo server of hostile.py in its own
-process (so a test can read its memory), with the H2Limits given as JSON. Prints `port N`."""
+"""`python -m tests.unit.api.h2.hostile_server '<json>'`: the Stats echo server of hostile.py in
+its own process (so a test can read its memory), with the H2Limits given as JSON. Prints
+`port N`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import sys
 
 from pipeserve.api.h2.limits import H2Limits
-from tests.unit.h2.hostile import start
+from tests.unit.api.h2.hostile import start
 
 
 async def main(config: dict) -> None:  # type: ignore[type-arg]
