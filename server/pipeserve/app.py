@@ -2,6 +2,8 @@
 Nothing imports this module except the CLI.
 
 Start:  metrics endpoint -> gRPC server (live, not ready) -> initial model loads -> ready.
+SIGHUP: every TLS endpoint rereads its certificate files (new handshakes use them; open
+        connections keep theirs).
 Stop:   not ready (health says NOT_SERVING) -> gRPC stops accepting and waits for in-flight RPCs
         (up to exit_timeout_secs) -> repository poller -> every model drained and unloaded ->
         metrics endpoint.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -20,6 +23,8 @@ from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
+from pipeserve.api.restricted import restrict
+from pipeserve.api.tls import ALPN_GRPC, ALPN_HTTP1, ServerTLS, TLSFiles
 from pipeserve.metrics.http import MetricsServer, start_metrics_server
 from pipeserve.metrics.recorder import ServerMetrics
 from pipeserve.registry import Registry
@@ -34,6 +39,21 @@ log = logging.getLogger("pipeserve")
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # First: a certificate that cannot serve fails the start before anything is built.
+        self.grpc_tls = _tls(
+            settings.grpc_tls_cert,
+            settings.grpc_tls_key,
+            settings.grpc_tls_client_ca,
+            "grpc-tls",
+            ALPN_GRPC,
+        )
+        self.metrics_tls = _tls(
+            settings.metrics_tls_cert,
+            settings.metrics_tls_key,
+            settings.metrics_tls_client_ca,
+            "metrics-tls",
+            ALPN_HTTP1,
+        )
         self.state = ServerState()
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics = ServerMetrics(self.metrics_registry) if settings.metrics else None
@@ -59,8 +79,15 @@ class App:
                     ("grpc.so_reuseport", 0),
                 ]
             )
-        grpc_service.add_to_server(InferenceService(self.data_plane), self.server)
-        health.add_to_server(HealthService(self.state), self.server)
+        restrictions = settings.grpc_restrictions()
+        grpc_service.add_to_server(
+            restrict(InferenceService(self.data_plane), restrictions),
+            self.server,
+        )
+        health.add_to_server(
+            restrict(HealthService(self.state), restrictions),
+            self.server,
+        )
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics_server: MetricsServer | None = None
@@ -70,13 +97,16 @@ class App:
         s = self.settings
         if s.metrics:
             metrics_server = await start_metrics_server(
-                self.metrics_registry, s.host, s.metrics_port
+                self.metrics_registry,
+                s.host,
+                s.metrics_port,
+                self.metrics_tls.context if self.metrics_tls is not None else None,
             )
             self._metrics_server = metrics_server
             self.metrics_port = metrics_server.port
         try:
             # grpcio raises RuntimeError when the bind fails (older releases returned 0).
-            self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            self.grpc_port = self._add_grpc_port(f"{s.host}:{s.grpc_port}")
         except (RuntimeError, OSError):
             self.grpc_port = 0
         if self.grpc_port == 0:
@@ -91,9 +121,27 @@ class App:
             self.grpc_port,
             f"{s.host}:{self.metrics_port}" if s.metrics else "off",
         )
+        for name, tls in (("grpc", self.grpc_tls), ("metrics", self.metrics_tls)):
+            if tls is not None:
+                mutual = ", client certificates required" if tls.mutual else ""
+                log.info("%s speaks TLS (certificate %s%s)", name, tls.files.cert, mutual)
         await self.control.start()
         self.state.set_ready(True)
         log.info("pipeserve ready: models %s", self.registry.model_names())
+
+    def _add_grpc_port(self, address: str) -> int:
+        tls = self.grpc_tls
+        if tls is None:
+            return self.server.add_insecure_port(address)
+        if isinstance(self.server, H2Server):
+            return self.server.add_secure_port(address, tls.context)
+        return self.server.add_secure_port(address, tls.grpc_credentials())
+
+    def reload_tls(self) -> None:
+        """SIGHUP: every TLS endpoint rereads its files; a broken set keeps the previous one."""
+        for tls in (self.grpc_tls, self.metrics_tls):
+            if tls is not None:
+                tls.reload()
 
     async def stop(self) -> None:
         if self._stopped.is_set():
@@ -113,6 +161,19 @@ class App:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _tls(
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+    flag: str,
+    alpn: tuple[str, ...],
+) -> ServerTLS | None:
+    if cert is None or key is None:  # Settings checked that both or neither are given
+        return None
+    return ServerTLS(TLSFiles(cert, key, client_ca, flag), alpn)

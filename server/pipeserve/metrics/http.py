@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import ssl
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +28,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_HEAD_BYTES = 16 * 1024
 _MAX_CONNECTIONS = 64
 _IDLE_TIMEOUT_S = 300.0  # Prometheus keeps one connection open between scrapes
+_HANDSHAKE_TIMEOUT_S = 10.0  # a TLS client that has not finished its handshake by then is dropped
 
 
 class _One:
@@ -108,8 +110,16 @@ class MetricsServer:
         self.host = ""
         self.port = 0
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self.handle, host, port, limit=_MAX_HEAD_BYTES)
+    async def start(self, host: str, port: int, context: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port; with `context` every connection speaks TLS (https)."""
+        self._server = await asyncio.start_server(
+            self.handle,
+            host,
+            port,
+            limit=_MAX_HEAD_BYTES,
+            ssl=context,
+            ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S if context is not None else None,
+        )
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
@@ -134,6 +144,7 @@ class MetricsServer:
             asyncio.LimitOverrunError,
             ConnectionError,
             TimeoutError,
+            ssl.SSLError,  # a TLS client that breaks the session mid-request
         ):
             pass
         finally:
@@ -202,8 +213,11 @@ async def _respond(
     await writer.drain()
 
 
-async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
-    """Serve GET /metrics for `registry` on host:port (port 0 picks a free port; read `.port`)."""
+async def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, context: ssl.SSLContext | None = None
+) -> MetricsServer:
+    """Serve GET /metrics for `registry` on host:port (port 0 picks a free port; read `.port`),
+    over https when `context` is given."""
     server = MetricsServer(registry)
-    await server.start(host, port)
+    await server.start(host, port, context)
     return server
