@@ -80,7 +80,9 @@ class CA:
                 critical=False,
             )
         cert = builder.sign(self._key, hashes.SHA256())
-        issued = Issued(self.folder / f"{name}.crt", self.folder / f"{name}.key", cert.serial_number)
+        issued = Issued(
+            self.folder / f"{name}.crt", self.folder / f"{name}.key", cert.serial_number
+        )
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         issued.key.write_bytes(
             key.private_bytes(
