@@ -143,12 +143,13 @@ class ServerTLS:
         current = self._current
         return grpc.dynamic_ssl_server_credentials(
             _grpc_config(current),
-            self._fetch_grpc_config,
+            self.fetch_grpc_config,
             require_client_authentication=self.mutual,
         )
 
-    def _fetch_grpc_config(self) -> grpc.ServerCertificateConfiguration | None:
-        # grpc-core calls this before each handshake: None keeps the configuration it has.
+    def fetch_grpc_config(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpc-core's certificate-config fetcher, called before each new handshake: the files
+        of the last reload once, else None (keep the configuration it has)."""
         with self._lock:
             pending, self._grpc_pending = self._grpc_pending, None
         return None if pending is None else _grpc_config(pending)
