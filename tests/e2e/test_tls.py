@@ -22,6 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from pipeserve.cli import main
 from tests import onnx_models as om
 from tests.e2e.server import ServerProcess, wait_until
 from tests.e2e.test_stream_and_aio import add_sub_inputs
@@ -266,6 +267,12 @@ def test_mutual_tls_and_reload_on_sighup(
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
             fetch_metrics(proc.metrics_port, pki.ca.cert)  # no client certificate
         assert handshake(proc.grpc_port, pki.ca.cert, pki.client) == (pki.server.serial, "h2")
+        # The Docker HEALTHCHECK's probe speaks TLS when told to.
+        tls_args = ["--tls-ca", str(pki.ca.cert), "--tls-cert", str(pki.client.cert)]
+        probe = ["health", "--address", proc.url, "--tls-server-name", "localhost"]
+        assert main([*probe, *tls_args, "--tls-key", str(pki.client.key)]) == 0
+        assert main([*probe, "--tls-ca", str(pki.ca.cert)]) == 1  # no client certificate
+        assert main([*probe, *tls_args]) == 2  # a certificate without its key
 
         # Reload: the other CA's certificate. `old` trusts only `ca`, so it keeps working only
         # if its connection is the one it had (a new one would fail verification).
