@@ -118,10 +118,10 @@ def write_repository(root: Path, model: Path, threads: int, instances: int) -> N
 
 
 def serve_command(repository: Path) -> list[str]:
-    """`pipeserve serve` on a free local port, metrics off."""
+    """`pipeserve serve` on a free local port, metrics and HTTP off."""
     return [
         sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repository),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics",
+        "--host", "127.0.0.1", "--grpc-port", "0", "--no-metrics", "--no-http",
     ]  # fmt: skip
 
 

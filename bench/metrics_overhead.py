@@ -182,7 +182,8 @@ def write_repository(root: Path) -> None:
 class Server:
     def __init__(self, repo: Path, metrics: bool) -> None:
         cmd = [sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repo),
-               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]  # fmt: skip
+               "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+               "--no-http"]  # fmt: skip
         if not metrics:
             cmd.append("--no-metrics")
         self.proc = subprocess.Popen(

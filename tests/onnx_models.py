@@ -69,6 +69,20 @@ def scale(factor: float, features: int = 4) -> onnx.ModelProto:
     return _model(graph)
 
 
+def gather(size: int = 4) -> onnx.ModelProto:
+    """idx INT64 [batch, 1] -> y = table[idx] with table = [0, 1, ..., size-1] as FP32: an index
+    outside [-size, size) makes onnxruntime fail at run time (a model that fails on some data)."""
+    table = numpy_helper.from_array(np.arange(size, dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"])],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[table],
+    )
+    return _model(graph)
+
+
 def mlp(sizes: tuple[int, ...] = (16, 32, 8), seed: int = 0) -> onnx.ModelProto:
     """x[batch, sizes[0]] -> Gemm/Relu chain -> y[batch, sizes[-1]]."""
     rng = np.random.default_rng(seed)

@@ -1,12 +1,14 @@
 """Composition root: builds every part from Settings, starts and stops them in a written order.
 Nothing imports this module except the CLI.
 
-Start:  metrics endpoint -> gRPC server (live, not ready) -> initial model loads -> ready.
+Start:  metrics endpoint -> gRPC server (live, not ready) -> HTTP server -> initial model loads
+        -> ready.
+Stop:   not ready (health says NOT_SERVING) -> gRPC and HTTP, together, stop accepting and wait
+        for in-flight requests (up to exit_timeout_secs; HTTP closes each keep-alive connection
+        after its in-flight request) -> repository poller -> every model drained and unloaded ->
+        metrics endpoint.
 SIGHUP: every TLS endpoint rereads its certificate files (new handshakes use them; open
         connections keep theirs).
-Stop:   not ready (health says NOT_SERVING) -> gRPC stops accepting and waits for in-flight RPCs
-        (up to exit_timeout_secs) -> repository poller -> every model drained and unloaded ->
-        metrics endpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
+from pipeserve.api.http.routes import Router
+from pipeserve.api.http.server import HttpLimits, HttpServer
 from pipeserve.api.restricted import restrict
 from pipeserve.api.tls import ALPN_GRPC, ALPN_HTTP1, ServerTLS, TLSFiles
 from pipeserve.metrics.http import MetricsServer, start_metrics_server
@@ -88,6 +92,20 @@ class App:
             restrict(HealthService(self.state), restrictions),
             self.server,
         )
+        # HTTP/REST on the same event loop as gRPC, over the same data plane.
+        self.http: HttpServer | None = None
+        if settings.http:
+            self.http = HttpServer(
+                Router(self.data_plane, limit),
+                settings.host,
+                settings.http_port,
+                HttpLimits(
+                    max_body_bytes=limit,
+                    max_connections=settings.http_max_connections,
+                    max_header_bytes=settings.http_max_header_bytes,
+                    keep_alive_secs=settings.http_keep_alive_secs,
+                ),
+            )
         self.grpc_port = 0
         self.metrics_port = 0
         self._metrics_server: MetricsServer | None = None
@@ -114,12 +132,18 @@ class App:
                 f"cannot listen for gRPC on {s.host}:{s.grpc_port} (address in use or unavailable)"
             )
         await self.server.start()
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise OSError(f"cannot listen for HTTP on {s.host}:{s.http_port} ({exc})") from None
         # One parseable line: tests and scripts read the bound ports from it (port 0 = any).
         log.info(
-            "pipeserve listening: grpc=%s:%d metrics=%s",
+            "pipeserve listening: grpc=%s:%d metrics=%s http=%s",
             s.host,
             self.grpc_port,
             f"{s.host}:{self.metrics_port}" if s.metrics else "off",
+            f"{s.host}:{self.http.port}" if self.http is not None else "off",
         )
         for name, tls in (("grpc", self.grpc_tls), ("metrics", self.metrics_tls)):
             if tls is not None:
@@ -149,7 +173,11 @@ class App:
         self._stopped.set()
         log.info("pipeserve draining (up to %gs)", self.settings.exit_timeout_secs)
         self.state.start_draining()
-        await self.server.stop(grace=self.settings.exit_timeout_secs)
+        grace = self.settings.exit_timeout_secs
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace=grace), self.http.stop(grace))
+        else:
+            await self.server.stop(grace=grace)
         await self.control.stop()
         await self.registry.close()
         if self._metrics_server is not None:

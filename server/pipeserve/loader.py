@@ -27,8 +27,10 @@ from pipeserve.repository.config import (
 )
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
+from pipeserve.repository.sections import check_sections
 from pipeserve.runtime.instances import create_instances, plan_instances
 from pipeserve.runtime.pipeline.executor import create_pipeline_runner
+from pipeserve.runtime.warmup import run_warmup, warmup_samples
 
 
 class StageSink:
@@ -79,6 +81,7 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
     if not folder.is_dir():
         raise ModelLoadError(f"model folder '{folder}' does not exist")
     given = override if override is not None else read_config(folder)
+    check_sections(given, name)  # what pipeserve does not implement is refused, never skipped
     filename = given.default_model_filename or "model.onnx"
     found = version_folders(folder, filename)
     if not found:
@@ -101,6 +104,8 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
         ],
         parameters,
     )
+    # Built (and checked against the model) once: every version has the same config.
+    samples = warmup_samples(config, model_spec(config, newest), folder)
     loaded: dict[int, LoadedVersion] = {}
     try:
         for version in versions_to_load:
@@ -115,6 +120,11 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
             runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
             stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
+            try:
+                run_warmup(runner, samples, spec.output_names(), name)  # before READY
+            except BaseException:
+                runner.close()
+                raise
             loaded[version] = LoadedVersion(
                 version, path, spec, runner, time.monotonic() - start, sink, batching, stage_devices
             )

@@ -76,6 +76,21 @@ class Settings:
     )
     host: str = option("0.0.0.0", "address to listen on")
     grpc_port: int = option(8001, "gRPC port; 0 picks a free one (the log names it)")
+    http_port: int = option(
+        8000, "HTTP/REST (KServe v2) port; 0 picks a free one (the log names it)"
+    )
+    http: bool = option(True, "do not serve HTTP/REST", flag="--no-http", negate=True)
+    http_max_connections: int = option(
+        1024,
+        "HTTP: most connections (and requests in progress) at once; beyond it new requests are "
+        "answered 503 at once",
+    )
+    http_max_header_bytes: int = option(
+        64 * 1024, "HTTP: largest request line + headers; larger ones are answered 431"
+    )
+    http_keep_alive_secs: float = option(
+        30.0, "HTTP: an idle keep-alive connection is closed after this many seconds"
+    )
     metrics_port: int = option(8002, "Prometheus /metrics port; 0 picks a free one")
     metrics: bool = option(True, "do not serve /metrics", flag="--no-metrics", negate=True)
     model_control_mode: str = option(
@@ -95,8 +110,8 @@ class Settings:
     log_level: str = option("INFO", "log level", choices=LOG_LEVELS, upper=True)
     max_message_bytes: int = option(
         MAX_MESSAGE_LIMIT,
-        "largest gRPC message accepted or sent; larger ones get RESOURCE_EXHAUSTED (the default "
-        "is gRPC's own limit)",
+        "largest gRPC message or HTTP body (also once decompressed) accepted or sent; larger "
+        "ones get RESOURCE_EXHAUSTED on gRPC, 413 on HTTP (the default is gRPC's own limit)",
     )
     exit_timeout_secs: float = option(
         30.0, "on SIGTERM/SIGINT, how long requests in flight may take to finish"
@@ -156,7 +171,7 @@ class Settings:
                 f"model repository '{self.model_repository}' is not a directory",
                 "model_repository",
             )
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "metrics_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise SettingsError(f"{_flag(name)} must be 0..65535, got {port}", name)
@@ -176,6 +191,21 @@ class Settings:
                 "max_message_bytes",
             )
         _check_choice(self, "grpc_frontend")
+        if self.http_max_connections < 1:
+            raise SettingsError(
+                f"http-max-connections must be >= 1, got {self.http_max_connections}",
+                "http_max_connections",
+            )
+        if self.http_max_header_bytes < 1024:
+            raise SettingsError(
+                f"http-max-header-bytes must be >= 1024, got {self.http_max_header_bytes}",
+                "http_max_header_bytes",
+            )
+        if self.http_keep_alive_secs < 1:
+            raise SettingsError(
+                f"http-keep-alive-secs must be >= 1, got {self.http_keep_alive_secs}",
+                "http_keep_alive_secs",
+            )
         if self.exit_timeout_secs < 0:
             raise SettingsError(
                 f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}",

@@ -7,6 +7,7 @@ onnxruntime only takes `str` elements (it would turn a `bytes` element into its 
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -113,6 +114,26 @@ def triton_from_numpy(dtype: np.dtype) -> str:
         if name != "BYTES" and candidate == dtype.newbyteorder("<"):
             return name
     raise ValueError(f"no Triton datatype for numpy dtype {dtype}")
+
+
+def array_from_raw(
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview
+) -> np.ndarray:
+    """One input tensor from its wire bytes (gRPC raw_input_contents, an HTTP binary section): a
+    read-only view on `raw` (no copy) for fixed-size datatypes, parsed elements for BYTES.
+
+    Raises InvalidInputError naming the tensor when the size does not match datatype and shape.
+    """
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return deserialize_bytes(raw, count, name).reshape(shape)
+    expected = count * element_size(datatype)
+    if len(raw) != expected:
+        raise InvalidInputError(
+            f"input '{name}' got unexpected byte size {len(raw)}, expected {expected} "
+            f"({datatype} with shape {list(shape)})"
+        )
+    return np.frombuffer(raw, dtype=numpy_dtype(datatype)).reshape(shape)
 
 
 def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) -> np.ndarray:

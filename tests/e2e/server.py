@@ -12,7 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-_LISTENING = re.compile(r"pipeserve listening: grpc=(\S+):(\d+) metrics=(\S+)")
+# Groups: grpc host, grpc port, metrics (HOST:PORT or off), http (HOST:PORT or off).
+_LISTENING = re.compile(r"pipeserve listening: grpc=(\S+):(\d+) metrics=(\S+)(?: http=(\S+))?")
 _READY = "pipeserve ready"
 
 
@@ -31,6 +32,8 @@ class ServerProcess:
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--exit-timeout-secs",
             "10",
             *args,
@@ -44,6 +47,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self._ready = threading.Event()
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -58,6 +62,8 @@ class ServerProcess:
                 self.grpc_port = int(m.group(2))
                 if m.group(3) != "off":
                     self.metrics_port = int(m.group(3).rsplit(":", 1)[1])
+                if m.group(4) not in (None, "off"):
+                    self.http_port = int(m.group(4).rsplit(":", 1)[1])
                 self._listening.set()
             if _READY in line:
                 self._ready.set()
@@ -73,6 +79,11 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """HOST:PORT of the HTTP/REST endpoint, as tritonclient.http takes it."""
+        return f"127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -1,6 +1,7 @@
 """Triton's perf_analyzer (shipped in the tritonclient 2.41.0 wheel as bin/perf_analyzer) runs
-against pipeserve with no errors: sync, async and streaming gRPC, concurrency 1..4, batched and
-unbatched models, FP32 / INT32 / BYTES inputs, and the server-side statistics it reads.
+against pipeserve with no errors: sync, async and streaming gRPC, concurrency 1..4; HTTP/REST sync
+and async at concurrency 1 and 32; batched and unbatched models, FP32 / INT32 / BYTES inputs, and
+the server-side statistics it reads.
 
 perf_analyzer needs two shared libraries that the wheel does not bring:
   libb64.so.0d     Debian/Ubuntu package `libb64-0d`
@@ -86,10 +87,15 @@ def perf_analyzer() -> tuple[str, dict[str, str]]:
 
 
 def run(
-    perf_analyzer: tuple[str, dict[str, str]], server: ServerProcess, model: str, *args: str
+    perf_analyzer: tuple[str, dict[str, str]],
+    server: ServerProcess,
+    model: str,
+    *args: str,
+    protocol: str = "grpc",
 ) -> str:
     binary, env = perf_analyzer
-    cmd = [binary, "-m", model, "-i", "grpc", "-u", server.url, *MEASURE, *args]
+    url = server.url if protocol == "grpc" else server.http_url
+    cmd = [binary, "-m", model, "-i", protocol, "-u", url, *MEASURE, *args]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
@@ -145,5 +151,30 @@ def test_unbatched_bytes_and_int_models(
     perf_analyzer: tuple[str, dict[str, str]], server: ServerProcess, model: str, mode: list[str]
 ) -> None:
     output = run(perf_analyzer, server, model, *mode)
+    [counts] = server_counts(output)
+    assert counts["Successful request count"] > 0
+
+
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_http_concurrency_one_and_thirty_two(
+    perf_analyzer: tuple[str, dict[str, str]], server: ServerProcess, mode: list[str]
+) -> None:
+    """perf_analyzer's default protocol: HTTP/REST with binary tensors, statistics over HTTP."""
+    output = run(
+        perf_analyzer, server, "add_sub", "--concurrency-range", "1:32:31", *mode, protocol="http"
+    )
+    for level in (1, 32):
+        assert f"Concurrency: {level}, throughput:" in output, output
+    for counts in server_counts(output):
+        assert counts["Successful request count"] > 0
+        assert counts["Inference count"] == counts["Successful request count"]
+
+
+@pytest.mark.parametrize("model", ["strings", "int_identity", "add_sub_auto"])
+def test_http_bytes_int_and_batched_models(
+    perf_analyzer: tuple[str, dict[str, str]], server: ServerProcess, model: str
+) -> None:
+    batch = ["-b", "4"] if model == "add_sub_auto" else []
+    output = run(perf_analyzer, server, model, *batch, protocol="http")
     [counts] = server_counts(output)
     assert counts["Successful request count"] > 0

@@ -297,7 +297,7 @@ def test_serve_exits_1_when_the_grpc_port_is_taken(
             "--model-repository", str(tmp_path),
             "--host", "127.0.0.1",
             "--grpc-port", str(live_server.grpc_port),
-            "--no-metrics",
+            "--no-metrics", "--no-http",
         ],
         capture_output=True,
         text=True,

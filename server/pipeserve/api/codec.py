@@ -17,8 +17,7 @@ from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
-    deserialize_bytes,
-    element_size,
+    array_from_raw,
     numpy_dtype,
     serialize_bytes,
     triton_from_numpy,
@@ -119,16 +118,8 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
             raise InvalidInputError(
                 f"input '{name}' carries both raw_input_contents and typed contents; send one"
             )
-        if datatype == "BYTES":
-            return deserialize_bytes(raw, count, name).reshape(shape)
-        expected = count * element_size(datatype)
-        if len(raw) != expected:
-            raise InvalidInputError(
-                f"input '{name}' got unexpected byte size {len(raw)}, expected {expected} "
-                f"({datatype} with shape {list(shape)})"
-            )
-        # A read-only view on the request's buffer: no copy.
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        # A read-only view on the request's buffer for fixed-size datatypes: no copy.
+        return array_from_raw(name, datatype, shape, raw)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInputError(

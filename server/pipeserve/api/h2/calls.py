@@ -198,6 +198,13 @@ class Call:
         if not self._size_ok(data):
             return
         size = int.from_bytes(data[1:_PREFIX], "big")
+        if len(data) < _PREFIX + size:
+            self.finish(
+                grpc.StatusCode.INTERNAL,
+                f"request ended inside its message (the prefix declares {size} bytes, "
+                f"{len(data) - _PREFIX} came)",
+            )
+            return
         if len(data) != _PREFIX + size:
             self.finish(
                 grpc.StatusCode.INTERNAL,
@@ -229,6 +236,9 @@ class Call:
     def _unpack(self, flag: int, body: memoryview) -> bytes | memoryview | None:
         if flag == 0:
             return body
+        if flag != 1:
+            self._fail(grpc.StatusCode.INTERNAL, f"bad compressed flag {flag} (0 or 1)")
+            return None
         if self.decompress is None:
             self._fail(grpc.StatusCode.INTERNAL, "compressed message without a grpc-encoding")
             return None
@@ -385,6 +395,8 @@ def _decompressor(encoding: bytes, limit: int) -> Callable[[bytes], bytes] | Non
         out = inflater.decompress(data, limit + 1)
         if len(out) > limit:
             raise ValueError(f"decompressed message larger than max ({limit} bytes)")
+        if not inflater.eof:  # zlib returns what it could of a cut stream without an error
+            raise ValueError("the compressed message is truncated")
         return out
 
     return decompress

@@ -14,6 +14,10 @@ they arrive; streaming calls credit a message back only when the handler consume
 what pushes back on a client that sends faster than the server works.
 Sending: the peer's windows are honoured; what does not fit waits on the stream until
 WINDOW_UPDATE, and the trailers wait behind it.
+
+What the peer sends is checked against RFC 9113 (stream states, frame sizes, the windows
+advertised, header validation) by the functions of `rules`, called from the frame handlers
+below; what they raise becomes GOAWAY (`ConnectionError_`) or RST_STREAM (`rules.StreamError`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Protocol
 import hpack
 
 from pipeserve.api.h2 import frames as f
+from pipeserve.api.h2 import rules
+from pipeserve.api.h2.rules import ConnectionError_
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +63,6 @@ _NOT_HTTP2 = (
 )
 
 
-class ConnectionError_(Exception):
-    """A connection-level protocol error: answered with GOAWAY and the connection closed."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class CallSink(Protocol):
     def data(self, payload: memoryview, end: bool) -> None: ...
 
@@ -72,7 +70,10 @@ class CallSink(Protocol):
 
 
 class Endpoint(Protocol):
-    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink: ...
+    def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink:
+        """Called with a validated request header block; may raise `rules.StreamError` to have
+        the stream reset instead of answered."""
+        ...
 
     def connection_closed(self, connection: Connection) -> None: ...
 
@@ -91,6 +92,7 @@ class Stream:
         "remote_closed",
         "done",
         "uncredited",
+        "recv_window",
         "drained",
     )
 
@@ -105,6 +107,7 @@ class Stream:
         self.remote_closed = False
         self.done = False
         self.uncredited = 0
+        self.recv_window = RECV_STREAM_WINDOW  # what the client may still send (RFC 9113 6.9)
         self.drained: asyncio.Future[None] | None = None
 
     # ---- sending (used by the call) ---------------------------------------------------------
@@ -136,15 +139,16 @@ class Stream:
         elif self.pending:
             conn.blocked[self.id] = self
 
-    def respond_only(self, block: bytes) -> None:
-        """A trailers-only response (an error before any message): one HEADERS frame."""
+    def respond_only(self, block: bytes, head: bytes = f.RESPONSE_HEADERS) -> None:
+        """A trailers-only response (an error before any message): one HEADERS frame, `head`
+        (`:status` and content-type) then `block`."""
         if self.done:
             return
         if self.headers_sent:
             self.send(b"", block)
             return
         self.headers_sent = True
-        block = f.RESPONSE_HEADERS + block
+        block = head + block
         self.conn.write(
             f.frame_header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, self.id) + block
         )
@@ -168,6 +172,7 @@ class Stream:
         self.uncredited += n
         if self.uncredited >= _STREAM_CREDIT_AT:
             self.conn.write(f.window_update(self.id, self.uncredited))
+            self.recv_window += self.uncredited
             self.uncredited = 0
 
     # ---- internal -----------------------------------------------------------------------------
@@ -186,6 +191,9 @@ class Stream:
         if not self.remote_closed:
             # The answer is complete; tell the client to stop sending (gRPC over HTTP/2 spec).
             conn.write(f.rst_stream(self.id, f.NO_ERROR))
+            conn.closed_streams.add(self.id, rules.RESET_BY_US)
+        else:
+            conn.closed_streams.add(self.id, rules.ENDED)
         self._wake()
         conn.stream_finished()
 
@@ -207,12 +215,14 @@ class Stream:
             else:
                 self._wake()
 
-    def abandon(self) -> None:
-        """The peer reset the stream or went away: drop output, tell the call."""
+    def abandon(self, how: int = rules.RESET_BY_PEER) -> None:
+        """The stream was reset (`how` says by whom) or the peer went away: drop output, tell
+        the call."""
         if self.done:
             return
         self.done = True
         self.pending.clear()
+        self.conn.closed_streams.add(self.id, how)
         self.conn.streams.pop(self.id, None)
         self.conn.blocked.pop(self.id, None)
         self._wake()
@@ -228,6 +238,7 @@ class Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.blocked: dict[int, Stream] = {}  # streams with data waiting for window
         self.last_stream_id = 0
+        self.closed_streams = rules.ClosedStreams()
         self.going_away = False
         self.closed = False
         self._buf = bytearray()
@@ -240,12 +251,14 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = f.DEFAULT_MAX_FRAME
         self.send_window = f.DEFAULT_WINDOW
         self._uncredited = 0
+        self._recv_window = RECV_CONNECTION_WINDOW  # what the client may still send
         # Header block decoding, plus a cache of blocks that left the table unchanged.
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         self._decoder.max_allowed_table_size = HEADER_TABLE
         self._table_generation = 0
         self._header_cache: dict[bytes, tuple[int, dict[bytes, bytes]]] = {}
-        self._continuation: tuple[int, int, bytearray] | None = None  # stream, flags, block
+        # stream, flags, the stream it depends on (-1: none given), block
+        self._continuation: tuple[int, int, int, bytearray] | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -382,10 +395,14 @@ class Connection(asyncio.Protocol):
                 stream_id = f.u32(view[pos + 5 : pos + 9])
                 payload = view[pos + 9 : pos + 9 + length]
                 pos += 9 + length
-                self._frame(kind, flags, stream_id, payload)
+                try:
+                    self._frame(kind, flags, stream_id, payload)
+                except rules.StreamError as exc:
+                    self._stream_error(exc)
         finally:
             if self._uncredited >= _CONNECTION_CREDIT_AT:
                 self._out.append(f.window_update(0, self._uncredited))
+                self._recv_window += self._uncredited
                 self._uncredited = 0
             payload = view = None  # type: ignore[assignment]
             if src is data:
@@ -402,9 +419,27 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.transport.close()
 
+    def _stream_error(self, exc: rules.StreamError) -> None:
+        """RST_STREAM with the error's code; the stream's call is cancelled, the rest goes on."""
+        stream_id = exc.stream_id
+        if stream_id > self.last_stream_id:
+            # An idle stream cannot be reset (RFC 9113 6.4): the whole connection is wrong.
+            raise ConnectionError_(exc.code, str(exc)) from exc
+        log.debug("HTTP/2 stream %d error: %s", stream_id, exc)
+        self._out.append(f.rst_stream(stream_id, exc.code))
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.remote_closed = True
+            stream.abandon(rules.RESET_BY_US)
+        else:
+            self.closed_streams.add(stream_id, rules.RESET_BY_US)
+
     def _frame(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._continuation is not None and kind != f.CONTINUATION:
-            raise ConnectionError_(f.PROTOCOL_ERROR, "expected CONTINUATION")
+            raise ConnectionError_(
+                f.PROTOCOL_ERROR, f"{rules.frame_name(kind)} where CONTINUATION was expected"
+            )
+        rules.check_frame(kind, flags, stream_id, len(payload))
         if kind == f.DATA:
             self._data(flags, stream_id, payload)
         elif kind == f.HEADERS:
@@ -414,8 +449,6 @@ class Connection(asyncio.Protocol):
         elif kind == f.WINDOW_UPDATE:
             self._window_update(stream_id, payload)
         elif kind == f.PING:
-            if len(payload) != 8:
-                raise ConnectionError_(f.FRAME_SIZE_ERROR, "PING payload must be 8 bytes")
             if not flags & f.ACK:
                 self._out.append(f.frame(f.PING, f.ACK, 0, bytes(payload)))
         elif kind == f.SETTINGS:
@@ -425,22 +458,40 @@ class Connection(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.remote_closed = True
-                stream.abandon()
+                stream.abandon(rules.RESET_BY_PEER)
+            elif stream_id > self.last_stream_id:
+                raise ConnectionError_(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         elif kind == f.GOAWAY:
             pass  # the client opens no more streams; the ones in flight still get answers
         elif kind == f.PUSH_PROMISE:
             raise ConnectionError_(f.PROTOCOL_ERROR, "clients cannot push")
-        # PRIORITY and unknown frame types are ignored (RFC 9113 5.5).
+        elif kind == f.PRIORITY:
+            rules.check_dependency(stream_id, rules.dependency(payload))
+        # Otherwise priorities and unknown frame types are ignored (RFC 9113 5.3.2, 5.5).
 
     def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
-        self._uncredited += len(payload)
+        # Every DATA byte counts against the connection window, even on closed streams (6.9).
+        n = len(payload)
+        if n > self._recv_window:
+            raise rules.over_window(0, n, self._recv_window)
+        self._recv_window -= n
+        self._uncredited += n
         if flags & f.PADDED:
-            payload = _unpad(payload)
+            payload = rules.unpad(payload)
         stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
-            if stream_id == 0 or stream_id > self.last_stream_id:
+        if stream is None:
+            if stream_id > self.last_stream_id:
                 raise ConnectionError_(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            return  # a stream we already answered or reset: late bytes are dropped
+            how = self.closed_streams.get(stream_id)
+            rules.frame_on_closed(f.DATA, stream_id, how, self.last_stream_id)
+            return  # a stream we reset: the client sent these before it knew
+        if stream.remote_closed:
+            raise rules.half_closed(f.DATA, stream_id)
+        if n > stream.recv_window:
+            raise rules.over_window(stream_id, n, stream.recv_window)
+        stream.recv_window -= n
+        if n != len(payload):
+            stream.credit(n - len(payload))  # padding is flow-controlled but never consumed
         end = bool(flags & f.END_STREAM)
         if end:
             stream.remote_closed = True
@@ -449,40 +500,49 @@ class Connection(asyncio.Protocol):
 
     def _headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if flags & f.PADDED:
-            payload = _unpad(payload)
+            payload = rules.unpad(payload)
+        depends_on = -1
         if flags & f.PRIORITY_FLAG:
+            depends_on = rules.dependency(payload)
             payload = payload[5:]
         if flags & f.END_HEADERS:
-            self._open(stream_id, flags, payload)
+            self._open(stream_id, flags, depends_on, payload)
         else:
-            self._continuation = (stream_id, flags, bytearray(payload))
+            self._continuation = (stream_id, flags, depends_on, bytearray(payload))
 
     def _continue(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if self._continuation is None or self._continuation[0] != stream_id:
-            raise ConnectionError_(f.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        block = self._continuation[2]
+            raise ConnectionError_(
+                f.PROTOCOL_ERROR, f"CONTINUATION on stream {stream_id} not after its HEADERS"
+            )
+        block = self._continuation[3]
         block += payload
         if len(block) > MAX_HEADER_LIST:
             raise ConnectionError_(f.PROTOCOL_ERROR, "header block too large")
         if flags & f.END_HEADERS:
-            first_flags = self._continuation[1]
+            _, first_flags, depends_on, _ = self._continuation
             self._continuation = None
-            self._open(stream_id, first_flags, memoryview(block))
+            self._open(stream_id, first_flags, depends_on, memoryview(block))
 
-    def _open(self, stream_id: int, flags: int, block: memoryview) -> None:
-        headers = self._decode(block)
+    def _open(self, stream_id: int, flags: int, depends_on: int, block: memoryview) -> None:
         stream = self.streams.get(stream_id)
-        if stream is not None:  # trailers from the client: only END_STREAM matters
-            if flags & f.END_STREAM:
-                stream.remote_closed = True
-                assert stream.call is not None
-                stream.call.data(memoryview(b""), True)
+        if stream is not None:
+            self._trailers(stream, flags, depends_on, block)
             return
-        if stream_id % 2 == 0 or stream_id <= self.last_stream_id:
-            raise ConnectionError_(f.PROTOCOL_ERROR, f"bad new stream id {stream_id}")
+        if stream_id % 2 == 0:
+            raise ConnectionError_(f.PROTOCOL_ERROR, f"client stream id {stream_id} is even")
+        if stream_id <= self.last_stream_id:
+            self._decode(block)  # keeps the HPACK table in step
+            how = self.closed_streams.get(stream_id)
+            rules.frame_on_closed(f.HEADERS, stream_id, how, self.last_stream_id)
+            return
         self.last_stream_id = stream_id
+        # Decoded before anything can refuse the stream: the HPACK table must stay in step.
+        headers = self._request(stream_id, block)
+        rules.check_dependency(stream_id, depends_on)
         if self.going_away or len(self.streams) >= MAX_CONCURRENT:
             self._out.append(f.rst_stream(stream_id, f.REFUSED_STREAM))
+            self.closed_streams.add(stream_id, rules.RESET_BY_US)
             return
         stream = Stream(self, stream_id, self.peer_window)
         self.streams[stream_id] = stream
@@ -491,35 +551,51 @@ class Connection(asyncio.Protocol):
             stream.remote_closed = True
             stream.call.data(memoryview(b""), True)
 
-    def _decode(self, block: memoryview) -> dict[bytes, bytes]:
+    def _trailers(self, stream: Stream, flags: int, depends_on: int, block: memoryview) -> None:
+        """A second header block on an open stream: the client's trailers (RFC 9113 8.1)."""
+        fields = self._decode(block)
+        stream_id = stream.id
+        if stream.remote_closed:
+            raise rules.half_closed(f.HEADERS, stream_id)
+        rules.check_dependency(stream_id, depends_on)
+        if not flags & f.END_STREAM:
+            raise rules.StreamError(stream_id, f.PROTOCOL_ERROR, "trailers without END_STREAM")
+        rules.trailer_fields(stream_id, fields)  # only END_STREAM matters to a gRPC call
+        stream.remote_closed = True
+        assert stream.call is not None
+        stream.call.data(memoryview(b""), True)
+
+    def _request(self, stream_id: int, block: memoryview) -> dict[bytes, bytes]:
+        """A request header block, decoded and validated (RFC 9113 8.2, 8.3). A block that left
+        the HPACK table unchanged decodes the same way next time: such blocks are cached with
+        their validated fields, so the rules cost nothing per call of a steady client."""
         key = bytes(block)
         cached = self._header_cache.get(key)
         if cached is not None and cached[0] == self._table_generation:
             return cached[1]
         table = self._decoder.header_table.dynamic_entries
         before = (len(table), id(table[0]) if table else 0)
-        try:
-            fields = self._decoder.decode(key, raw=True)
-        except hpack.HPACKError as exc:
-            raise ConnectionError_(f.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
-        headers: dict[bytes, bytes] = {}
-        for name, value in fields:
-            headers[bytes(name)] = bytes(value)
+        fields = self._decode(key)
         if (len(table), id(table[0]) if table else 0) != before:
             self._table_generation += 1
             self._header_cache.clear()
-        elif len(self._header_cache) < _HEADER_CACHE:
+            return rules.request_fields(stream_id, fields)
+        headers = rules.request_fields(stream_id, fields)
+        if len(self._header_cache) < _HEADER_CACHE:
             self._header_cache[key] = (self._table_generation, headers)
         return headers
 
+    def _decode(self, block: bytes | memoryview) -> list[tuple[bytes, bytes]]:
+        try:
+            fields = self._decoder.decode(bytes(block), raw=True)
+        except hpack.HPACKError as exc:
+            raise ConnectionError_(f.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+        return [(bytes(name), bytes(value)) for name, value in fields]
+
     def _window_update(self, stream_id: int, payload: memoryview) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE payload must be 4 bytes")
-        increment = f.u32(payload)
+        increment = rules.window_increment(stream_id, payload)
         if stream_id == 0:
-            self.send_window += increment
-            if self.send_window > f.MAX_WINDOW:
-                raise ConnectionError_(f.FLOW_CONTROL_ERROR, "connection window overflow")
+            self.send_window = rules.grow_send_window(self.send_window, increment, 0)
             for stream in list(self.blocked.values()):
                 stream.flush()
                 if self.send_window <= 0:
@@ -527,34 +603,29 @@ class Connection(asyncio.Protocol):
         else:
             target = self.streams.get(stream_id)
             if target is not None:
-                target.send_window += increment
+                target.send_window = rules.grow_send_window(
+                    target.send_window, increment, stream_id
+                )
                 if target.pending:
                     target.flush()
+            elif stream_id > self.last_stream_id:
+                raise ConnectionError_(
+                    f.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}"
+                )
 
     def _settings(self, payload: memoryview) -> None:
-        if len(payload) % 6:
-            raise ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
-        for key, value in f.parse_settings(payload):
+        values = f.parse_settings(payload)
+        rules.check_settings(values)
+        for key, value in values:
             if key == f.INITIAL_WINDOW_SIZE:
-                if value > f.MAX_WINDOW:
-                    raise ConnectionError_(f.FLOW_CONTROL_ERROR, "initial window too large")
+                # Applies to every open stream's window, by the difference (RFC 9113 6.9.2).
                 delta = value - self.peer_window
                 self.peer_window = value
                 for stream in self.streams.values():
                     stream.send_window += delta
+                    rules.check_initial_window_change(stream.send_window, stream.id)
             elif key == f.MAX_FRAME_SIZE:
-                if not f.DEFAULT_MAX_FRAME <= value <= 16_777_215:
-                    raise ConnectionError_(f.PROTOCOL_ERROR, f"bad max frame size {value}")
                 self.peer_max_frame = value
         self._out.append(f.frame(f.SETTINGS, f.ACK, 0))
         for stream in list(self.blocked.values()):
             stream.flush()
-
-
-def _unpad(payload: memoryview) -> memoryview:
-    if not payload:
-        raise ConnectionError_(f.PROTOCOL_ERROR, "padded frame without pad length")
-    pad = payload[0]
-    if pad >= len(payload):
-        raise ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
-    return payload[1 : len(payload) - pad]

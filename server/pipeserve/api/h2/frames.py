@@ -116,6 +116,9 @@ def literal(name: bytes, value: bytes) -> bytes:
 
 STATUS_200 = b"\x88"  # static table entry 8
 RESPONSE_HEADERS = STATUS_200 + literal(b"content-type", b"application/grpc")
+# gRPC over HTTP/2: a request that is not gRPC gets 415, so no HTTP client reads it as a 200.
+# (`:status` is static entry 8's name: a literal value with an indexed name, RFC 7541 6.2.2.)
+UNSUPPORTED_MEDIA_TYPE = b"\x08\x03415" + literal(b"content-type", b"application/grpc")
 
 
 def percent_encode(text: str) -> bytes:

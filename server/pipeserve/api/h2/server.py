@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import grpc
 
 from pipeserve.api.h2 import frames as f
+from pipeserve.api.h2 import rules
 from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
 from pipeserve.api.h2.connection import CallSink, Connection, Stream
 from pipeserve.api.tls import HANDSHAKE_TIMEOUT_S
@@ -38,6 +39,15 @@ class _Answered:
 
 
 _ANSWERED = _Answered()
+
+
+def _is_grpc(content_type: bytes) -> bool:
+    """application/grpc, or with a `+format` or `;parameters` suffix (gRPC over HTTP/2)."""
+    return content_type.startswith(b"application/grpc") and content_type[16:17] in (
+        b"",
+        b"+",
+        b";",
+    )
 
 
 class H2Server:
@@ -143,15 +153,21 @@ class H2Server:
         self._connections.discard(connection)
 
     def open_call(self, stream: Stream, headers: dict[bytes, bytes]) -> CallSink:
-        path = headers.get(b":path", b"")
-        if headers.get(b":method") != b"POST" or not headers.get(b"content-type", b"").startswith(
-            b"application/grpc"
-        ):
+        path = headers[b":path"]
+        method_name = headers[b":method"]
+        if method_name != b"POST":
+            # As grpc-core answers it: the stream is reset with INTERNAL_ERROR.
+            raise rules.StreamError(
+                stream.id, f.INTERNAL_ERROR, f"gRPC needs POST, not {method_name!r}"
+            )
+        content_type = headers.get(b"content-type", b"")
+        if not _is_grpc(content_type):
             stream.respond_only(
                 f.trailers(
                     grpc.StatusCode.INTERNAL.value[0],
-                    "gRPC needs POST with content-type application/grpc",
-                )
+                    f"gRPC needs content-type application/grpc, not {content_type!r}",
+                ),
+                f.UNSUPPORTED_MEDIA_TYPE,
             )
             return _ANSWERED
         method = self._methods.get(path)

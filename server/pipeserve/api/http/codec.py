@@ -1,0 +1,381 @@
+"""KServe v2 REST inference bodies <-> InferRequest / InferResponse, with Triton's binary tensor
+data extension.
+
+A request body is a JSON inference header, optionally followed by binary sections: when the
+`Inference-Header-Content-Length` header is given, the first that many bytes are the JSON and the
+rest holds, in input order, one section per input whose `parameters.binary_data_size` is set.
+Binary sections become read-only numpy views on the body (no copy); JSON `data` is converted by
+numpy in one call (flattened in row-major order, or nested exactly as `shape`). Every malformed
+body is an InvalidInputError naming what was wrong and what was expected.
+
+A response is JSON, or JSON followed by binary sections for the outputs asked for in binary
+(`binary_data` per output, `binary_data_output` for all): then `header_length` is the JSON's size,
+sent back as `Inference-Header-Content-Length`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from pipeserve.errors import InvalidInputError, UnsupportedError
+from pipeserve.inference import InferRequest, InferResponse, ModelSpec
+from pipeserve.tensors import (
+    BF16_DTYPE,
+    array_from_raw,
+    numpy_dtype,
+    serialize_bytes,
+    triton_from_numpy,
+)
+
+INFER_HEADER = b"inference-header-content-length"
+_SHARED_MEMORY_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+# numpy kinds a JSON array may come out as, per datatype family: bool only for BOOL, integers
+# for integer types (no silent truncation of 1.5), integers or floats for floating point.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_EXPECTED = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+# Request parameters with a meaning of their own, checked here, not passed to the model.
+_UINT_PARAMS = ("priority", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChoice:
+    """How each output goes back: in binary or as JSON `data`."""
+
+    default_binary: bool = False
+    binary: Mapping[str, bool] = field(default_factory=dict)
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.default_binary)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedResponse:
+    chunks: list[bytes | memoryview]
+    # Size of the JSON part when binary sections follow it, else None (all JSON).
+    header_length: int | None
+
+    @property
+    def size(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+def header_length(value: bytes | None, body_size: int) -> int | None:
+    """The parsed `Inference-Header-Content-Length`; None when absent (the body is all JSON)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip()
+    try:
+        length = int(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"Unable to parse Inference-Header-Content-Length, got: {text!r} (expected the byte "
+            f"size of the JSON inference header)"
+        ) from None
+    if not 0 < length <= body_size:
+        if length == 0:
+            raise UnsupportedError(
+                "Inference-Header-Content-Length 0 (a raw binary request body) is not supported "
+                "by pipeserve: send a JSON inference header"
+            )
+        raise InvalidInputError(
+            f"inference header size should be in range (0, {body_size}], got: {length} "
+            f"(Inference-Header-Content-Length must not exceed the body size)"
+        )
+    return length
+
+
+def parse_json(data: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInputError(f"malformed JSON in the {what}: {exc}") from None
+
+
+def decode_infer(
+    model_name: str, model_version: str, body: bytes, header_size: int | None
+) -> tuple[InferRequest, OutputChoice]:
+    view = memoryview(body)
+    json_end = len(body) if header_size is None else header_size
+    doc = parse_json(view[:json_end], "inference request")
+    if not isinstance(doc, dict):
+        raise InvalidInputError(
+            f"the inference request must be a JSON object, got {_json_type(doc)}"
+        )
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInputError(f"'id' must be a string, got {_json_type(request_id)}")
+    params = _object(doc.get("parameters"), "request 'parameters'")
+    for key in params:
+        if key.startswith("triton_"):
+            raise InvalidInputError(
+                "parameter keys starting with 'triton_' are reserved for Triton usage and should "
+                "not be specified."
+            )
+    default_binary = _bool(params.pop("binary_data_output", False), "binary_data_output")
+    for key in _UINT_PARAMS:
+        if key in params:
+            _uint(params[key], f"request parameter '{key}'")
+
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise InvalidInputError(
+            f"'inputs' must be a JSON array of input tensors, got {_json_type(raw_inputs)}"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = json_end
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict):
+            raise InvalidInputError(f"inputs[{i}] must be a JSON object, got {_json_type(raw)}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"inputs[{i}] needs a 'name' string")
+        if name in inputs:
+            raise InvalidInputError(f"input '{name}' appears more than once")
+        datatype = raw.get("datatype")
+        if not isinstance(datatype, str):
+            raise InvalidInputError(f"input '{name}' needs a 'datatype' string")
+        numpy_dtype(datatype)  # an unknown name fails here, naming the known ones
+        shape = _shape(raw.get("shape"), name)
+        tensor_params = _object(raw.get("parameters"), f"input '{name}' 'parameters'")
+        if any(key in tensor_params for key in _SHARED_MEMORY_PARAMS):
+            raise UnsupportedError(
+                f"input '{name}': shared memory is not supported by pipeserve; send the tensor in "
+                f"the request"
+            )
+        datatypes[name] = datatype
+        if "binary_data_size" in tensor_params:
+            size = _uint(tensor_params["binary_data_size"], f"input '{name}' 'binary_data_size'")
+            if "data" in raw:
+                raise InvalidInputError(
+                    f"input '{name}' has both 'data' and a 'binary_data_size' parameter; send one"
+                )
+            if header_size is None:
+                raise InvalidInputError(
+                    f"input '{name}' has a 'binary_data_size' parameter but the request has no "
+                    f"Inference-Header-Content-Length header: it must give the size of the JSON "
+                    f"header so the binary sections can be found"
+                )
+            if offset + size > len(body):
+                raise InvalidInputError(
+                    f"unexpected size for input '{name}', expecting {offset + size - len(body)} "
+                    f"additional bytes for model '{model_name}' (binary_data_size {size}, "
+                    f"{len(body) - offset} bytes left in the body)"
+                )
+            inputs[name] = array_from_raw(name, datatype, shape, view[offset : offset + size])
+            offset += size
+        elif "data" in raw:
+            inputs[name] = _from_json(raw["data"], name, datatype, shape)
+        else:
+            raise InvalidInputError(
+                f"input '{name}' has neither 'data' nor a 'binary_data_size' parameter"
+            )
+    if offset != len(body):
+        raise InvalidInputError(
+            f"unexpected additional input data for model '{model_name}': {len(body) - offset} "
+            f"bytes after the last binary input section"
+        )
+
+    requested, binary = _outputs(doc.get("outputs"))
+    return (
+        InferRequest(
+            model_name=model_name,
+            model_version=model_version,
+            request_id=request_id,
+            inputs=inputs,
+            requested_outputs=requested,
+            parameters=params,
+            datatypes=datatypes,
+            priority=int(params.get("priority", 0)),
+            timeout_us=int(params.get("timeout", 0)),
+        ),
+        OutputChoice(default_binary=default_binary, binary=binary),
+    )
+
+
+def _outputs(raw_outputs: Any) -> tuple[tuple[str, ...], dict[str, bool]]:
+    if raw_outputs is None:
+        return (), {}
+    if not isinstance(raw_outputs, list):
+        raise InvalidInputError(
+            f"'outputs' must be a JSON array of requested outputs, got {_json_type(raw_outputs)}"
+        )
+    names: list[str] = []
+    binary: dict[str, bool] = {}
+    for i, out in enumerate(raw_outputs):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise InvalidInputError(f"outputs[{i}] must be a JSON object with a 'name' string")
+        name = out["name"]
+        params = _object(out.get("parameters"), f"output '{name}' 'parameters'")
+        if "classification" in params:
+            raise InvalidInputError(
+                f"output '{name}': the classification extension is not supported"
+            )
+        if any(key in params for key in _SHARED_MEMORY_PARAMS):
+            raise UnsupportedError(f"output '{name}': shared memory is not supported")
+        if "binary_data" in params:
+            binary[name] = _bool(params["binary_data"], f"output '{name}' 'binary_data'")
+        names.append(name)
+    return tuple(names), binary
+
+
+def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """JSON `data` -> an array of `shape`, converted by numpy in one call."""
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        raise InvalidInputError(
+            f"input '{name}': 'data' must be a JSON array (flattened or nested as the shape "
+            f"{list(shape)}), got {_json_type(data)}"
+        )
+    if datatype in ("FP16", "BF16"):
+        raise InvalidInputError(
+            f"receiving {datatype} data via JSON is not supported. Please use the binary data "
+            f"format for input {name}"
+        )
+    try:
+        array = np.array(data)
+    except ValueError:
+        raise InvalidInputError(
+            f"input '{name}': 'data' is ragged (nested arrays of different lengths); expected "
+            f"{count} values flattened or nested as the shape {list(shape)}"
+        ) from None
+    if array.ndim == 1 and array.size == 0:
+        array = array.astype(np.float64)  # [] has no kind of its own
+    if array.shape != shape and not (array.ndim == 1 and array.size == count):
+        raise InvalidInputError(
+            f"input '{name}': 'data' holds {array.size} values nested as {list(array.shape)}, "
+            f"expected {count} values flattened or nested as the shape {list(shape)}"
+        )
+    if datatype == "BYTES":
+        # Not via numpy's fixed-width str dtype: it would drop trailing NUL characters.
+        strings = np.array(data, dtype=np.object_)
+        if strings.shape != array.shape or not all(isinstance(v, str) for v in strings.flat):
+            raise InvalidInputError(
+                f"input '{name}': BYTES 'data' must hold JSON strings, got {_kind(array)}"
+            )
+        return strings.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    if array.size and array.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        raise InvalidInputError(
+            f"input '{name}': {datatype} 'data' must hold {_EXPECTED[dtype.kind]}, "
+            f"got {_kind(array)}"
+        )
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InvalidInputError(
+                f"input '{name}': value {bad} in 'data' does not fit {datatype} "
+                f"({info.min}..{info.max})"
+            )
+    return array.astype(dtype).reshape(shape)
+
+
+def _kind(array: np.ndarray) -> str:
+    return {"U": "strings", "b": "booleans", "O": "mixed values or nulls", "f": "floats"}.get(
+        array.dtype.kind, "numbers"
+    )
+
+
+def encode_infer(response: InferResponse, spec: ModelSpec, choice: OutputChoice) -> EncodedResponse:
+    declared = {o.name: o.datatype for o in spec.outputs}
+    outputs: list[dict[str, Any]] = []
+    sections: list[bytes | memoryview] = []
+    for name, array in response.outputs.items():
+        datatype = declared.get(name) or triton_from_numpy(array.dtype)
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if choice.is_binary(name):
+            raw = _raw(array, datatype)
+            out["parameters"] = {"binary_data_size": len(raw)}
+            if len(raw):
+                sections.append(raw)
+        else:
+            out["data"] = _json_data(array, datatype)
+        outputs.append(out)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.request_id:
+        doc["id"] = response.request_id
+    if response.parameters:
+        doc["parameters"] = dict(response.parameters)
+    doc["outputs"] = outputs
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not sections:
+        return EncodedResponse([header], None)
+    return EncodedResponse([header, *sections], len(header))
+
+
+def _raw(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    expected = numpy_dtype(datatype)
+    if array.dtype != expected:
+        array = array.astype(expected)
+    # A view on the output array: written to the socket without another copy.
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def _json_data(array: np.ndarray, datatype: str) -> Any:
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        return [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace") for v in flat]
+    if BF16_DTYPE is not None and flat.dtype == BF16_DTYPE:
+        flat = flat.astype(np.float32)
+    # orjson writes native-order contiguous numpy arrays itself (OPT_SERIALIZE_NUMPY).
+    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a JSON object, got {_json_type(value)}")
+    return dict(value)
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in value
+    ):
+        raise InvalidInputError(
+            f"input '{name}' needs a 'shape' array of integers, got {orjson.dumps(value).decode()}"
+        )
+    if any(d < 0 for d in value):
+        raise InvalidInputError(f"input '{name}' has shape {value}: dimensions must be >= 0")
+    return tuple(value)
+
+
+def _uint(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(
+            f"{what} must be an unsigned integer, got {orjson.dumps(value).decode()}"
+        )
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
