@@ -58,6 +58,13 @@ class App:
             "metrics-tls",
             ALPN_HTTP1,
         )
+        self.http_tls = _tls(
+            settings.http_tls_cert,
+            settings.http_tls_key,
+            settings.http_tls_client_ca,
+            "http-tls",
+            ALPN_HTTP1,
+        )
         self.state = ServerState()
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics = ServerMetrics(self.metrics_registry) if settings.metrics else None
@@ -96,7 +103,7 @@ class App:
         self.http: HttpServer | None = None
         if settings.http:
             self.http = HttpServer(
-                Router(self.data_plane, limit),
+                Router(self.data_plane, limit, settings.http_restrictions()),
                 settings.host,
                 settings.http_port,
                 HttpLimits(
@@ -105,6 +112,7 @@ class App:
                     max_header_bytes=settings.http_max_header_bytes,
                     keep_alive_secs=settings.http_keep_alive_secs,
                 ),
+                self.http_tls.context if self.http_tls is not None else None,
             )
         self.grpc_port = 0
         self.metrics_port = 0
@@ -145,7 +153,7 @@ class App:
             f"{s.host}:{self.metrics_port}" if s.metrics else "off",
             f"{s.host}:{self.http.port}" if self.http is not None else "off",
         )
-        for name, tls in (("grpc", self.grpc_tls), ("metrics", self.metrics_tls)):
+        for name, tls in self._tls_endpoints():
             if tls is not None:
                 mutual = ", client certificates required" if tls.mutual else ""
                 log.info("%s speaks TLS (certificate %s%s)", name, tls.files.cert, mutual)
@@ -163,9 +171,12 @@ class App:
 
     def reload_tls(self) -> None:
         """SIGHUP: every TLS endpoint rereads its files; a broken set keeps the previous one."""
-        for tls in (self.grpc_tls, self.metrics_tls):
+        for _, tls in self._tls_endpoints():
             if tls is not None:
                 tls.reload()
+
+    def _tls_endpoints(self) -> tuple[tuple[str, ServerTLS | None], ...]:
+        return (("grpc", self.grpc_tls), ("metrics", self.metrics_tls), ("http", self.http_tls))
 
     async def stop(self) -> None:
         if self._stopped.is_set():

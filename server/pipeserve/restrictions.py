@@ -7,6 +7,8 @@ A group of RPCs / endpoints (Triton's names: `health`, `metadata`, `inference`, 
   (Triton's prefix; HTTP checks the bare key), or
 - be turned off: `--grpc-disable-protocol=model-repository` (pipeserve's addition; Triton has no
   way to refuse a group outright).
+HTTP has the same pair: `--http-restricted-api` (the bare key is the header) and
+`--http-disable-api`.
 A group may appear in one rule only. Groups not named stay open.
 
 This module only parses and decides; each front end (api/restricted.py for gRPC, the HTTP front
@@ -59,6 +61,8 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Restrictions:
     rules: Mapping[str, Rule] = field(default_factory=dict)
+    # Triton's word in its answers: "This protocol is restricted" (gRPC), "This API is" (HTTP).
+    noun: str = "protocol"
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -70,12 +74,12 @@ class Restrictions:
         if rule is None:
             return None
         if rule.header is None:
-            return f"This protocol is disabled on this server ('{group}')"
+            return f"This {self.noun} is disabled on this server ('{group}')"
         got = header(rule.header)
         # Constant-time comparison: the value is a shared secret.
         if got is not None and hmac.compare_digest(got.encode(), rule.value.encode()):
             return None
-        return f"This protocol is restricted, expecting header '{rule.header}'"
+        return f"This {self.noun} is restricted, expecting header '{rule.header}'"
 
 
 def parse_restrictions(
@@ -85,6 +89,7 @@ def parse_restrictions(
     header_prefix: str,
     restricted_flag: str,
     disabled_flag: str,
+    noun: str = "protocol",
 ) -> Restrictions:
     """`restricted`: values `<group>[,<group>...]:<key>=<value>`; `disabled`: values
     `<group>[,<group>...]`. Raises RestrictionError naming the flag."""
@@ -142,4 +147,4 @@ def parse_restrictions(
                 f"--{disabled_flag} needs '<protocol>[,<protocol>...]'", disabled_flag
             )
         add(spec, Rule(None), disabled_flag, spec)
-    return Restrictions(rules)
+    return Restrictions(rules, noun)

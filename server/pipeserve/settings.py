@@ -148,6 +148,17 @@ class Settings:
         "mutual TLS on /metrics: require a client certificate signed by a CA in this file",
         metavar="FILE",
     )
+    http_tls_cert: Path | None = option(
+        None,
+        "serve HTTP/REST over https with this PEM certificate chain (needs --http-tls-key)",
+        metavar="FILE",
+    )
+    http_tls_key: Path | None = option(None, "PEM private key of --http-tls-cert", metavar="FILE")
+    http_tls_client_ca: Path | None = option(
+        None,
+        "mutual TLS on HTTP/REST: require a client certificate signed by a CA in this file",
+        metavar="FILE",
+    )
     # Restricted protocol groups (pipeserve/restrictions.py), Triton's flag syntax.
     grpc_restricted_protocol: tuple[str, ...] = option(
         (),
@@ -160,6 +171,22 @@ class Settings:
     grpc_disable_protocol: tuple[str, ...] = option(
         (),
         "RPC groups turned off: every call of them gets PERMISSION_DENIED "
+        "('<group>[,<group>...]'; repeatable)",
+        repeat=True,
+        metavar="GROUPS",
+    )
+
+    http_restricted_api: tuple[str, ...] = option(
+        (),
+        "HTTP/REST API groups that require a header: '<group>[,<group>...]:<key>=<value>' "
+        "makes them answer only requests with the header '<key>: <value>' (the groups of "
+        "--grpc-restricted-protocol; repeat for more rules)",
+        repeat=True,
+        metavar="GROUPS:KEY=VALUE",
+    )
+    http_disable_api: tuple[str, ...] = option(
+        (),
+        "HTTP/REST API groups turned off: every request of them gets 403 "
         "('<group>[,<group>...]'; repeatable)",
         repeat=True,
         metavar="GROUPS",
@@ -211,7 +238,7 @@ class Settings:
                 f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}",
                 "exit_timeout_secs",
             )
-        for endpoint in ("grpc", "metrics"):
+        for endpoint in ("grpc", "metrics", "http"):
             cert, key, ca = (f"{endpoint}_tls_{part}" for part in ("cert", "key", "client_ca"))
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 given, missing = (cert, key) if getattr(self, cert) is not None else (key, cert)
@@ -220,6 +247,7 @@ class Settings:
                 raise SettingsError(f"--{_flag(ca)} needs --{_flag(cert)} and --{_flag(key)}", ca)
         try:
             self.grpc_restrictions()
+            self.http_restrictions()
         except RestrictionError as exc:
             raise SettingsError(str(exc), exc.flag.replace("-", "_")) from None
 
@@ -231,6 +259,17 @@ class Settings:
             header_prefix=GRPC_HEADER_PREFIX,
             restricted_flag="grpc-restricted-protocol",
             disabled_flag="grpc-disable-protocol",
+        )
+
+    def http_restrictions(self) -> Restrictions:
+        """The parsed --http-restricted-api and --http-disable-api rules (bare header keys)."""
+        return parse_restrictions(
+            self.http_restricted_api,
+            self.http_disable_api,
+            header_prefix="",
+            restricted_flag="http-restricted-api",
+            disabled_flag="http-disable-api",
+            noun="API",
         )
 
 

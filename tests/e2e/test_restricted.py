@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from pipeserve.api.generated import health_pb2, health_pb2_grpc
@@ -195,3 +196,51 @@ def test_bad_restriction_flags_fail_the_start(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_http_restricted_api(small_repo: Path, start_server: Callable[..., ServerProcess]) -> None:
+    """The same rules on HTTP/REST (Triton's --http-restricted-api: the bare key is the header;
+    403 and "This API is restricted ..."), with tritonclient.http passing headers."""
+    proc = start_server(
+        small_repo,
+        "--model-control-mode", "explicit",
+        "--load-model", "add_sub",
+        "--http-restricted-api", "model-repository:admin-key=s3cret",
+        "--http-disable-api", "trace,logging,shared-memory",
+    )  # fmt: skip
+    client = httpclient.InferenceServerClient(proc.http_url)
+    admin = {"admin-key": "s3cret"}
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("add_sub_auto")
+        assert refused.value.status() == "403"
+        assert refused.value.message() == "This API is restricted, expecting header 'admin-key'"
+        client.load_model("add_sub_auto", headers=admin)
+        assert client.is_model_ready("add_sub_auto")
+        client.unload_model("add_sub_auto", headers=admin)
+        for call in (
+            lambda: client.get_trace_settings(headers=admin),
+            lambda: client.get_log_settings(headers=admin),
+            lambda: client.get_system_shared_memory_status(headers=admin),
+        ):
+            with pytest.raises(InferenceServerException) as off:
+                call()
+            assert off.value.status() == "403"
+            assert str(off.value.message()).startswith("This API is disabled on this server")
+        rng = np.random.default_rng(1)
+        a, b = (rng.standard_normal((1, 16)).astype(np.float32) for _ in range(2))
+        inputs = [httpclient.InferInput(n, [1, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(b)
+        result = client.infer("add_sub", inputs)  # inference stays open
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+        assert client.is_server_live()
+        # gRPC is not restricted by the HTTP rules.
+        grpc_client = grpcclient.InferenceServerClient(proc.url)
+        assert {m.name for m in grpc_client.get_model_repository_index().models} >= {"add_sub"}
+        grpc_client.close()
+    finally:
+        client.close()
+    out = proc.output()
+    assert "denied POST /v2/repository/models/add_sub_auto/load from 127.0.0.1:" in out
+    assert "s3cret" not in out

@@ -5,6 +5,7 @@ https, and plaintext clients knocking on a TLS port. Certificates are made in th
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from pipeserve.cli import main
@@ -359,3 +361,58 @@ def test_unusable_tls_files_fail_the_start_naming_the_file(
     ]
     for args, message in cases:
         assert message in _serve_fails(small_repo, *args)
+
+
+# ---- HTTP/REST over https ------------------------------------------------------------------------
+
+
+# geventhttpclient (under tritonclient.http) still calls the deprecated ssl.match_hostname.
+@pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")
+def test_http_rest_over_https_with_mutual_tls(
+    small_repo: Path, pki: PKI, live_files: Issued, start: Callable[..., ServerProcess]
+) -> None:
+    """tritonclient.http (geventhttpclient) with a client certificate; SIGHUP reaches it too."""
+    proc = start(
+        small_repo,
+        "--http-tls-cert", str(live_files.cert),
+        "--http-tls-key", str(live_files.key),
+        "--http-tls-client-ca", str(pki.ca.cert),
+    )  # fmt: skip
+
+    def connect(ca: Path, identity: Issued | None) -> httpclient.InferenceServerClient:
+        def context() -> ssl.SSLContext:
+            made = ssl.create_default_context(cafile=str(ca))
+            if identity is not None:
+                made.load_cert_chain(identity.cert, identity.key)
+            return made
+
+        return httpclient.InferenceServerClient(
+            f"localhost:{proc.http_port}", ssl=True, ssl_context_factory=context
+        )
+
+    client = connect(pki.ca.cert, pki.client)
+    try:
+        assert client.is_server_live()
+        rng = np.random.default_rng(4)
+        a, b = (rng.standard_normal((2, 16)).astype(np.float32) for _ in range(2))
+        http_inputs = [httpclient.InferInput(n, [2, 16], "FP32") for n in ("INPUT0", "INPUT1")]
+        http_inputs[0].set_data_from_numpy(a)
+        http_inputs[1].set_data_from_numpy(b)
+        result = client.infer("add_sub", http_inputs)
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), a + b, rtol=1e-6)
+    finally:
+        client.close()
+    stranger = connect(pki.ca.cert, None)
+    # TLS 1.3: the client's handshake ends first, then the server refuses and closes.
+    with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+        stranger.is_server_live()
+    stranger.close()
+    assert handshake(proc.http_port, pki.ca.cert, pki.client, alpn=("http/1.1",)) == (
+        pki.server.serial,
+        "http/1.1",
+    )
+    shutil.copy(pki.other_server.cert, live_files.cert)
+    shutil.copy(pki.other_server.key, live_files.key)
+    proc.terminate(signal.SIGHUP)
+    assert wait_until(lambda: lines_with(proc, "TLS certificate reloaded") == 1, 30)
+    assert handshake(proc.http_port, pki.other_ca.cert, pki.client)[0] == pki.other_server.serial

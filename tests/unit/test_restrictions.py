@@ -79,3 +79,13 @@ def test_settings_reject_a_bad_rule_naming_its_flag(tmp_path) -> None:  # type: 
     assert bad.value.setting == "grpc_disable_protocol"
     s = Settings(model_repository=tmp_path, grpc_restricted_protocol=("health:k=v",))
     assert s.grpc_restrictions().rules == {"health": Rule("triton-grpc-protocol-k", "v")}
+
+
+def test_http_rules_use_the_bare_key_and_say_api(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = Settings(model_repository=tmp_path, http_restricted_api=("trace:Admin=v",))
+    r = s.http_restrictions()
+    assert r.rules == {"trace": Rule("admin", "v")}
+    assert r.denial("trace", {}.get) == "This API is restricted, expecting header 'admin'"
+    with pytest.raises(SettingsError, match="--http-disable-api: unknown") as bad:
+        Settings(model_repository=tmp_path, http_disable_api=("nope",))
+    assert bad.value.setting == "http_disable_api"
