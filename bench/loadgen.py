@@ -66,9 +66,11 @@ def run_perf_analyzer(
     *,
     mode: str = "async",
     streaming: bool = False,
+    protocol: str = "grpc",
 ) -> Load:
     """`mode`: "async" (perf_analyzer --async) or "sync" (its default: one thread per request
-    in flight); `streaming`: ModelStreamInfer instead of unary calls."""
+    in flight); `streaming`: ModelStreamInfer instead of unary calls; `protocol`: "grpc" or
+    "http" (KServe v2 REST with binary tensors; `url` is then the HTTP endpoint)."""
     found = _perf_analyzer()
     if found is None:
         raise RuntimeError("perf_analyzer does not run here")
@@ -82,7 +84,7 @@ def run_perf_analyzer(
             "-u",
             url,
             "-i",
-            "grpc",
+            protocol,
             *(["--async"] if mode == "async" else []),
             *(["--streaming"] if streaming else []),
             "--concurrency-range",

@@ -77,7 +77,11 @@ def backends(home: Path, root: Path) -> Path:
     return root / "backends"
 
 
-def command(home: Path, repository: Path, backend_dir: Path, port: int) -> list[str]:
+def command(
+    home: Path, repository: Path, backend_dir: Path, port: int, http_port: int | None = None
+) -> list[str]:
+    """tritonserver serving gRPC on `port`; HTTP/REST on `http_port` when given, else off."""
+    http = ["--http-port", str(http_port)] if http_port is not None else ["--allow-http", "false"]
     return [
         str(home / "bin" / "tritonserver"),
         "--model-repository",
@@ -86,8 +90,7 @@ def command(home: Path, repository: Path, backend_dir: Path, port: int) -> list[
         str(backend_dir),
         "--grpc-port",
         str(port),
-        "--allow-http",
-        "false",
+        *http,
         "--allow-metrics",
         "false",
     ]
