@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from pipeserve.cli import main
 from tests import onnx_models as om
-from tests.e2e.server import ServerProcess, wait_until
+from tests.e2e.server import ServerProcess, serve_fails, wait_until
 from tests.e2e.test_stream_and_aio import add_sub_inputs
 from tests.pki import CA, Issued, serial_of
 
@@ -311,21 +310,6 @@ def test_mutual_tls_and_reload_on_sighup(
 # ---- files that cannot serve: exit 2 naming the file ---------------------------------------------
 
 
-def _serve_fails(repo: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repo),
-         "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    return done.stderr
-
-
 def test_unusable_tls_files_fail_the_start_naming_the_file(
     small_repo: Path, pki: PKI, tmp_path: Path
 ) -> None:
@@ -360,7 +344,7 @@ def test_unusable_tls_files_fail_the_start_naming_the_file(
         ),
     ]
     for args, message in cases:
-        assert message in _serve_fails(small_repo, *args)
+        assert message in serve_fails(small_repo, *args)
 
 
 # ---- HTTP/REST over https ------------------------------------------------------------------------
