@@ -35,8 +35,9 @@ CONCURRENCIES = (1, 32)
 
 async def serve(library: str, repository: Path) -> None:
     """One pipeserve App (gRPC on, its own HTTP off) plus an HTTP listener on `library`."""
+    from pipeserve.api.http.listener import HttpLimits, HttpServer
     from pipeserve.api.http.routes import Request, Router
-    from pipeserve.api.http.server import HttpLimits, HttpServer
+    from pipeserve.api.http.server import HttpApp
     from pipeserve.app import App
     from pipeserve.settings import Settings
 
@@ -49,9 +50,7 @@ async def serve(library: str, repository: Path) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     if library == "uvicorn":
-        http = HttpServer(
-            router, "127.0.0.1", 0, HttpLimits(max_body_bytes=settings.max_message_bytes)
-        )
+        http = HttpServer(HttpApp(router, settings.max_message_bytes), "127.0.0.1", 0, HttpLimits())
         await http.start()
         print(f"listening http=127.0.0.1:{http.port}", flush=True)
         await stop.wait()

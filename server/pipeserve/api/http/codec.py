@@ -320,8 +320,8 @@ def _raw(array: np.ndarray, datatype: str) -> bytes | memoryview:
     expected = numpy_dtype(datatype)
     if array.dtype != expected:
         array = array.astype(expected)
-    # A view on the output array: written to the socket without another copy.
-    return memoryview(np.ascontiguousarray(array)).cast("B")
+    # A byte view on the output array (bf16 included): copied once, into the response body.
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
 
 
 def _json_data(array: np.ndarray, datatype: str) -> Any:

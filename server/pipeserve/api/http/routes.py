@@ -287,21 +287,21 @@ class Router:
 
     # ---- not supported: answered as the gRPC side answers -------------------------------------
 
-    async def unsupported_shm(self, request: Request, **_: str) -> Response:
-        self._dp.unsupported("system shared memory")
-        raise AssertionError("unreachable")
+    async def unsupported_shm(self, request: Request) -> Response:
+        return self._refuse("system shared memory")
 
-    async def unsupported_cuda_shm(self, request: Request, **_: str) -> Response:
-        self._dp.unsupported("CUDA shared memory")
-        raise AssertionError("unreachable")
+    async def unsupported_cuda_shm(self, request: Request) -> Response:
+        return self._refuse("CUDA shared memory")
 
-    async def unsupported_trace(self, request: Request, **_: str) -> Response:
-        self._dp.unsupported("trace settings")
-        raise AssertionError("unreachable")
+    async def unsupported_trace(self, request: Request, name: str = "") -> Response:
+        return self._refuse("trace settings")
 
     async def unsupported_logging(self, request: Request) -> Response:
-        self._dp.unsupported("log settings")
-        raise AssertionError("unreachable")
+        return self._refuse("log settings")
+
+    def _refuse(self, what: str) -> Response:
+        self._dp.unsupported(what)  # raises UnsupportedError, the gRPC side's words
+        raise AssertionError(f"DataPlane.unsupported({what!r}) returned")
 
 
 def _body_object(request: Request, what: str) -> dict[str, Any]:

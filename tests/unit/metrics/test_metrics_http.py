@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,12 +67,13 @@ def test_everything_but_triton_counters_reads_back_as_prometheus_clients_writer_
     assert any(name == "pipeserve_stage_busy_seconds_total" for name, _, _ in ours)
 
 
-def _get(port: int, method: str = "GET", path: str = "/metrics") -> tuple[int, dict, bytes]:
+def _get(port: int, method: str = "GET", path: str = "/metrics") -> tuple[int, Any, bytes]:
+    """(status, headers looked up case-insensitively as HTTP defines them, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, path)
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()
     finally:
         conn.close()
 
