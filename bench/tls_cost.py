@@ -5,7 +5,8 @@ machine hits both alike).
 
     .venv/bin/python bench/tls_cost.py --rounds 3 --frontend asyncio --frontend grpcio
 
-Prints per-round figures, then medians and the TLS/cleartext throughput ratio per front end.
+Prints per-round figures (throughput, latency, the server's CPU per request answered), then
+medians and the TLS/cleartext ratios per front end.
 """
 
 from __future__ import annotations
@@ -14,18 +15,45 @@ import argparse
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tritonclient.grpc as grpcclient  # noqa: E402
 from batching import serve_command, started  # noqa: E402
 from loadgen import perf_analyzer_usable, run_perf_analyzer  # noqa: E402
-from vs_triton import add_one, write_pipeserve_repository  # noqa: E402
+from vs_triton import add_one, cpu_seconds, write_pipeserve_repository  # noqa: E402
 
-from tests.pki import CA  # noqa: E402
+from tests.pki import CA, Issued  # noqa: E402
 
 VARIANTS = ("cleartext", "mtls")
+
+
+def answered(url: str, ca: CA | None, client: Issued | None) -> int:
+    """Requests the server has answered (its ModelStatistics), asked over TLS when `ca`."""
+    kw = {}
+    if ca is not None and client is not None:
+        kw = dict(
+            ssl=True,
+            root_certificates=str(ca.cert),
+            private_key=str(client.key),
+            certificate_chain=str(client.cert),
+        )
+    c = grpcclient.InferenceServerClient(url, **kw)  # type: ignore[arg-type]
+    try:
+        return int(c.get_inference_statistics("add_one").model_stats[0].inference_count)
+    finally:
+        c.close()
+
+
+def timed(pid: int, count: Callable[[], int], run: Callable[[], float]) -> tuple[float, float]:
+    """(throughput, server CPU microseconds per request answered during the run)."""
+    cpu0, n0 = cpu_seconds(pid), count()
+    throughput = run()
+    cpu, n = cpu_seconds(pid) - cpu0, count() - n0
+    return throughput, cpu / n * 1e6 if n else 0.0
 
 
 def main() -> None:
@@ -53,37 +81,57 @@ def main() -> None:
             "--ssl-grpc-private-key-file", str(client.key),
             "--ssl-grpc-certificate-chain-file", str(client.cert),
         )  # fmt: skip
-        ports = {}
+        servers = {}
         for frontend in frontends:
             for variant in VARIANTS:
                 cmd = [*serve_command(repo), "--grpc-frontend", frontend]
                 if variant == "mtls":
                     cmd += tls_flags
-                port, _ = stack.enter_context(started(cmd, "pipeserve ready", r"grpc=\S+:(\d+)"))
-                ports[frontend, variant] = port
-        results: dict[tuple[str, str], list[float]] = {key: [] for key in ports}
+                servers[frontend, variant] = stack.enter_context(
+                    started(cmd, "pipeserve ready", r"grpc=\S+:(\d+)")
+                )
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in servers}
         for r in range(args.rounds):
             for frontend in frontends:
                 for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-                    load = run_perf_analyzer(
-                        f"localhost:{ports[frontend, variant]}",
-                        "add_one",
-                        args.concurrency,
-                        args.window,
-                        "x:16",
-                        extra=perf_tls if variant == "mtls" else (),
+                    port, pid = servers[frontend, variant]
+                    url = f"localhost:{port}"
+                    tls = variant == "mtls"
+
+                    def run(url: str = url, tls: bool = tls) -> float:
+                        return run_perf_analyzer(
+                            url,
+                            "add_one",
+                            args.concurrency,
+                            args.window,
+                            "x:16",
+                            extra=perf_tls if tls else (),
+                        ).throughput
+
+                    throughput, cpu_us = timed(
+                        pid,
+                        lambda url=url, tls=tls: answered(  # type: ignore[misc]
+                            url, ca if tls else None, client if tls else None
+                        ),
+                        run,
                     )
-                    results[frontend, variant].append(load.throughput)
+                    results[frontend, variant].append((throughput, cpu_us))
                     print(
-                        f"r{r} {frontend:<8} {variant:<9} {load.throughput:9.1f}/s "
-                        f"p50 {load.p50_us / 1000:7.3f} ms p99 {load.p99_us / 1000:7.3f} ms",
+                        f"r{r} {frontend:<8} {variant:<9} {throughput:9.1f}/s "
+                        f"CPU {cpu_us:6.1f} us/req",
                         flush=True,
                     )
-        print("\nmedians (inferences/s):")
+        print("\nmedians:")
         for frontend in frontends:
-            plain = statistics.median(results[frontend, "cleartext"])
-            tls = statistics.median(results[frontend, "mtls"])
-            print(f"{frontend:<8} cleartext {plain:9.1f}  mTLS {tls:9.1f}  ratio {tls / plain:.2f}")
+            plain = [
+                statistics.median(x) for x in zip(*results[frontend, "cleartext"], strict=True)
+            ]
+            tls = [statistics.median(x) for x in zip(*results[frontend, "mtls"], strict=True)]
+            print(
+                f"{frontend:<8} cleartext {plain[0]:9.1f}/s {plain[1]:6.1f} us/req  "
+                f"mTLS {tls[0]:9.1f}/s {tls[1]:6.1f} us/req  "
+                f"throughput ratio {tls[0] / plain[0]:.2f}  CPU ratio {tls[1] / plain[1]:.2f}"
+            )
 
 
 if __name__ == "__main__":
