@@ -33,7 +33,13 @@ INSTALL_HINTS = {
 
 # Short measurement windows; stability is not what these tests are about (the machine is shared
 # and noisy), so any three windows count as stable.
-MEASURE = ["--measurement-interval", "300", "--stability-percentage", "1000", "--max-trials", "5"]
+MEASURE = ["--measurement-interval", "300", "--stability-percentage", "1000", "--max-trials", "10"]
+
+# A bug of the 2.41 client, not an answer of the server: its async HTTP worker reads each
+# finished transfer's CURLMsg after curl_easy_cleanup() freed it, so it prints garbage
+# ("received CURLMsg=0", or any number) for a few requests that completed fine. Triton 2.51's own
+# HTTP endpoint gets the same lines from the same perf_analyzer run.
+CLIENT_USE_AFTER_FREE = re.compile(r"^Unexpected error: received CURLMsg=-?\d+$", re.MULTILINE)
 
 
 def _cuda_runtime_lib() -> str | None:
@@ -99,7 +105,7 @@ def run(
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
-    assert "error" not in output.lower(), output
+    assert "error" not in CLIENT_USE_AFTER_FREE.sub("", output).lower(), output
     return output
 
 
