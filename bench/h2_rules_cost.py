@@ -1,9 +1,10 @@
 """What the RFC 9113 receive checks (api/h2/rules.py) cost: ModelInfer at concurrency 32 on two
-pipeserve servers up at once, one serving another checkout's `server/` (the code before the
-checks, e.g. `git archive main server | tar -x -C DIR`) and one this checkout, measured in
-alternating rounds (the order flips every round, so drift on a shared machine hits both alike).
+pipeserve servers up at once, one serving the `server/` of a checkout before the checks
+(`git archive COMMIT server | tar -x -C DIR` makes one), one this checkout's (or --after-src),
+measured in alternating rounds (the order flips every round, so drift on a shared machine hits
+both alike).
 
-    .venv/bin/python bench/h2_rules_cost.py --before-src DIR --rounds 3
+    .venv/bin/python bench/h2_rules_cost.py --before-src DIR [--after-src DIR] --rounds 3
 
 Rows: the add-one model (the transport is most of the cost per request: the harshest case for
 per-frame checks) and the 512-2048-2048-512 MLP, perf_analyzer async, batch 1 per request.
@@ -30,9 +31,19 @@ SERVERS = ("before", "after")
 HERE = Path(__file__).resolve().parent.parent
 
 
+def _command(repo: Path, src: Path) -> list[str]:
+    """serve_command, less --no-http for a checkout from before the HTTP endpoint."""
+    settings = (src / "server" / "pipeserve" / "settings.py").read_text()
+    has_http = '"--no-http"' in settings
+    return [arg for arg in serve_command(repo) if arg != "--no-http" or has_http]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before-src", type=Path, required=True, help="checkout with server/")
+    parser.add_argument(
+        "--after-src", type=Path, default=HERE, help="checkout with server/ (default: this one)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=float, default=1.5, help="seconds per perf window")
     args = parser.parse_args()
@@ -43,10 +54,11 @@ def main() -> None:
         files = {"add_one": add_one(root / "add_one.onnx"), "mlp": mlp(root / "mlp.onnx")}
         repo = write_pipeserve_repository(root / "repo", files)
         servers = {}
-        for name, src in (("before", args.before_src.resolve()), ("after", HERE)):
+        for name, src in (("before", args.before_src), ("after", args.after_src)):
+            src = src.resolve()
             env = dict(os.environ, PYTHONPATH=str(src / "server"))
             servers[name] = stack.enter_context(
-                started(serve_command(repo), "pipeserve ready", r"grpc=\S+:(\d+)", env)
+                started(_command(repo, src), "pipeserve ready", r"grpc=\S+:(\d+)", env)
             )
         results: list[dict] = []
         for r in range(args.rounds):

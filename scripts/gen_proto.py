@@ -16,7 +16,7 @@ post-processed in two ways, both needed for it to live inside the `pipeserve` pa
    (`inference.ModelConfig`, ...) in the default pool; two different definitions of one name
    cannot coexist there, so sharing it would make importing both (as our tests do) depend on
    the two files staying byte-identical. Wire compatibility only needs equal package,
-   message, field names and numbers, which tests/unit/test_proto_compat.py checks.
+   message, field names and numbers, which tests/unit/api/test_proto_compat.py checks.
 
 The output depends on the grpcio-tools version (it embeds version checks), so every
 generated file records the version that made it and --check names a mismatch.

@@ -6,7 +6,7 @@ Start:  metrics endpoint -> gRPC server (live, not ready) -> HTTP server -> init
 Stop:   not ready (health says NOT_SERVING) -> gRPC and HTTP, together, stop accepting and wait
         for in-flight requests (up to exit_timeout_secs; HTTP closes each keep-alive connection
         after its in-flight request) -> repository poller -> every model drained and unloaded ->
-        metrics endpoint.
+        metrics endpoint -> metrics (NVML released).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeserve.api import grpc_service, health
 from pipeserve.api.grpc_service import InferenceService
+from pipeserve.api.h2.limits import grpcio_limit_options, h2_limits
 from pipeserve.api.h2.server import H2Server
 from pipeserve.api.health import HealthService
 from pipeserve.api.http.listener import HttpLimits, HttpServer
@@ -55,13 +56,14 @@ class App:
         self.data_plane = DataPlane(self.registry, self.control, self.state, limit)
         self.server: H2Server | grpc.aio.Server
         if settings.grpc_frontend == "asyncio":
-            self.server = H2Server(max_receive=limit, max_send=limit)
+            self.server = H2Server(max_receive=limit, max_send=limit, limits=h2_limits(settings))
         else:
             self.server = grpc.aio.server(
                 options=[
                     ("grpc.max_receive_message_length", limit),
                     ("grpc.max_send_message_length", limit),
                     ("grpc.so_reuseport", 0),
+                    *grpcio_limit_options(settings),
                 ]
             )
         grpc_service.add_to_server(InferenceService(self.data_plane), self.server)
@@ -134,6 +136,8 @@ class App:
         await self.registry.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+        if self.metrics is not None:
+            self.metrics.close()  # NVML, opened by ServerMetrics when it found a GPU
         log.info("pipeserve stopped")
 
     async def run_until_signalled(self) -> None:

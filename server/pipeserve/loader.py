@@ -2,16 +2,23 @@
 
 Synchronous and slow (onnxruntime session creation holds the GIL for a while): the registry calls
 `load_model_folder` through `asyncio.to_thread`. Every failure is a ModelLoadError with the reason.
+
+config.pbtxt is read once into a frozen `ModelSettings` (spec, batching policy, instance plan,
+pipeline plan, onnxruntime settings, known parameters); everything below reads that object. The
+completed protobuf message rides along only for the ModelConfig RPC.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-from pipeserve.api.generated import model_config_pb2 as mc
+from pipeserve import parameters as table
 from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.factory import batching_policy
 from pipeserve.batching.policy import BatchingPolicy
@@ -19,33 +26,80 @@ from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
 from pipeserve.repository.config import (
     ModelConfig,
+    accelerators,
     complete_config,
+    instance_groups,
     model_spec,
     read_config,
     select_versions,
+    string_parameters,
     validate_config,
 )
 from pipeserve.repository.graph import model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.repository.sections import check_sections
-from pipeserve.runtime.instances import create_instances, plan_instances
-from pipeserve.runtime.pipeline.executor import create_pipeline_runner
+from pipeserve.runtime.instances import InstancePlan, create_instances, plan_instances
+from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
+from pipeserve.runtime.pipeline.executor import StageCallback, pipeline_runner
+from pipeserve.runtime.sessions import Accelerator, OrtSettings, ort_settings
 from pipeserve.runtime.warmup import run_warmup, warmup_samples
 
+log = logging.getLogger(__name__)
 
-class StageSink:
-    """Forwards pipeline stage timings to the recorder the registry binds when it serves the
-    version (metrics are bound after the sessions exist). Called from stage threads."""
+# Called with a version number before that version's runner is built; returns where its
+# pipeline stage timings go (None: nowhere). The registry binds the version's recorder here.
+StageSinkFor = Callable[[int], StageCallback | None]
 
-    __slots__ = ("target",)
 
-    def __init__(self) -> None:
-        self.target: Callable[[int, str, int, int], None] | None = None
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """A model's settings, read once from its completed config."""
 
-    def __call__(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None:
-        target = self.target
-        if target is not None:
-            target(stage, device, compute_ns, transfer_ns)
+    name: str
+    spec: ModelSpec  # version 0; `spec_for` gives each version's
+    # Dynamic batching policy; None = one request per execution (Triton's default scheduler).
+    batching: BatchingPolicy | None
+    instances: InstancePlan
+    pipeline: PipelineConfig | None  # None: plain instances
+    ort: OrtSettings
+    parameters: Mapping[str, str]  # every key, known or not (read-only)
+    # The completed message: what the ModelConfig RPC returns. Nothing below the API reads it.
+    config: ModelConfig
+
+    def spec_for(self, version: int) -> ModelSpec:
+        return dataclasses.replace(self.spec, version=version)
+
+
+def read_model_settings(config: ModelConfig) -> ModelSettings:
+    """Validate a completed config's sections and parameters into ModelSettings. Raises
+    ConfigError before any session exists; WARNS about unknown parameter keys."""
+    name = config.name
+    parameters = string_parameters(config)
+    table.validate(parameters)
+    for key, nearest in table.unknown_keys(parameters):
+        log.warning(
+            "model '%s': unknown parameter '%s' is ignored%s",
+            name,
+            key,
+            f" (did you mean '{nearest}'?)" if nearest else "",
+        )
+    ort = ort_settings(
+        parameters,
+        config.optimization.graph.level,
+        [Accelerator(kind, n, p) for kind, n, p in accelerators(config)],  # type: ignore[arg-type]
+        what=f"model '{name}'",
+    )
+    spec = model_spec(config, 0)
+    return ModelSettings(
+        name=name,
+        spec=spec,
+        batching=batching_policy(config, spec),
+        instances=plan_instances(instance_groups(config), parameters, name, ort),
+        pipeline=parse_pipeline_config(parameters),
+        ort=ort,
+        parameters=MappingProxyType(parameters),
+        config=config,
+    )
 
 
 @dataclass(slots=True)
@@ -55,28 +109,34 @@ class LoadedVersion:
     spec: ModelSpec
     runner: ModelRunner
     load_seconds: float
-    stage_sink: StageSink
-    # Dynamic batching policy; None = one request per execution (Triton's default scheduler).
-    batching: BatchingPolicy | None
     # Device of each pipeline stage; empty when the version runs as plain instances.
     stage_devices: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
 class LoadedModel:
-    config: ModelConfig
+    settings: ModelSettings
     versions: dict[int, LoadedVersion]
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.settings.config
 
     def close(self) -> None:
         for v in self.versions.values():
             v.runner.close()
 
 
-def load_model_folder(name: str, folder: Path, override: ModelConfig | None = None) -> LoadedModel:
+def load_model_folder(
+    name: str,
+    folder: Path,
+    override: ModelConfig | None = None,
+    stage_sink_for: StageSinkFor | None = None,
+) -> LoadedModel:
     """Read, complete and validate the config, then create sessions for every selected version.
 
-    `override` replaces config.pbtxt (RepositoryModelLoad's `config` parameter).
-    On failure nothing stays loaded.
+    `override` replaces config.pbtxt (RepositoryModelLoad's `config` parameter). On failure
+    nothing stays loaded.
     """
     if not folder.is_dir():
         raise ModelLoadError(f"model folder '{folder}' does not exist")
@@ -96,16 +156,9 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
     config = complete_config(given, name, graph)
     validate_config(config, graph)
     versions_to_load = select_versions(config, sorted(found))
-    parameters = {k: v.string_value for k, v in config.parameters.items()}
-    plan = plan_instances(
-        [
-            (mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix("KIND_"), g.count, list(g.gpus))
-            for g in config.instance_group
-        ],
-        parameters,
-    )
+    settings = read_model_settings(config)  # a bad section fails before any session
     # Built (and checked against the model) once: every version has the same config.
-    samples = warmup_samples(config, model_spec(config, newest), folder)
+    samples = warmup_samples(config, settings.spec_for(newest), folder)
     loaded: dict[int, LoadedVersion] = {}
     try:
         for version in versions_to_load:
@@ -113,26 +166,32 @@ def load_model_folder(name: str, folder: Path, override: ModelConfig | None = No
             if version != newest:
                 validate_config(config, read_graph_io(path))
             start = time.monotonic()
-            spec = model_spec(config, version)
-            batching = batching_policy(config, spec)  # a bad section fails before any session
-            sink = StageSink()
-            # A model with pipeline parameters runs as stages; any other as plain instances.
-            pipeline = create_pipeline_runner(model_file(path), parameters, spec, on_stage=sink)
-            runner: ModelRunner = pipeline or create_instances(model_file(path), plan, name)
-            stage_devices = tuple(pipeline.devices) if pipeline is not None else ()
+            spec = settings.spec_for(version)
+            runner: ModelRunner
+            stage_devices: tuple[str, ...] = ()
+            if settings.pipeline is not None:
+                # The version's recorder is bound already: stages report into it from the first
+                # micro-batch on (warm-up included: those ran on the stages too).
+                sink = stage_sink_for(version) if stage_sink_for is not None else None
+                pipeline = pipeline_runner(
+                    model_file(path), settings.pipeline, spec, on_stage=sink, settings=settings.ort
+                )
+                runner, stage_devices = pipeline, tuple(pipeline.devices)
+            else:
+                runner = create_instances(model_file(path), settings.instances, name)
             try:
                 run_warmup(runner, samples, spec.output_names(), name)  # before READY
             except BaseException:
                 runner.close()
                 raise
             loaded[version] = LoadedVersion(
-                version, path, spec, runner, time.monotonic() - start, sink, batching, stage_devices
+                version, path, spec, runner, time.monotonic() - start, stage_devices
             )
     except BaseException:
         for v in loaded.values():
             v.runner.close()
         raise
-    return LoadedModel(config, loaded)
+    return LoadedModel(settings, loaded)
 
 
 def check_name(name: str) -> None:

@@ -1,6 +1,7 @@
 """Name/version -> served model, and the lifecycle LOADING / READY / UNLOADING / UNAVAILABLE.
 
-Runs on the event loop. Lookup and submit happen in one synchronous step (`submit`), and a reload
+Runs on the event loop. Callers look up and submit in one synchronous step (`lookup`, then
+`ServedVersion.submit`, with no await between), and a reload
 swaps a model's version table in one assignment before closing the old schedulers; so a request
 either reaches the old version (which drains everything it accepted) or the new one, never a
 closed scheduler. Loads of one model are serialised by a per-model lock.
@@ -30,10 +31,10 @@ from pipeserve.errors import (
     PipeserveError,
 )
 from pipeserve.inference import InferRequest, ModelSpec
-from pipeserve.loader import LoadedModel, check_name, load_model_folder
-from pipeserve.observers import FanOut, InferenceObserver
+from pipeserve.loader import LoadedModel, StageSinkFor, check_name, load_model_folder
+from pipeserve.observers import InferenceObserver
 from pipeserve.repository.config import ModelConfig
-from pipeserve.statistics import ModelStats
+from pipeserve.statistics import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,30 @@ class ModelState(StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-class ModelRecorder(InferenceObserver, Protocol):
+class VersionRecorder(InferenceObserver, Protocol):
+    """A version's one recorder: what the scheduler reports into, what ModelStatistics reads."""
+
+    def statistics(self) -> StatsSnapshot: ...
+
+
+class ModelRecorder(VersionRecorder, Protocol):
+    """The recorder with metrics on (metrics.recorder.ModelMetrics)."""
+
     def stage_done(self, stage: int, device: str, compute_ns: int, transfer_ns: int) -> None: ...
 
     def bind_stages(self, stages: Iterable[tuple[int, str]]) -> object: ...
 
 
 class MetricsBinder(Protocol):
-    """What the registry needs from the metrics module (pipeserve.metrics.ServerMetrics)."""
+    """What the registry needs from metrics (pipeserve.metrics.recorder.ServerMetrics)."""
 
     def bind_model(self, name: str, version: int) -> ModelRecorder: ...
 
     def unbind_model(self, name: str, version: int) -> None: ...
 
     def observe_load(self, name: str, version: int, seconds: float) -> None: ...
+
+    def bound(self) -> list[tuple[str, int]]: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -68,8 +79,8 @@ class ServedVersion:
     config: ModelConfig
     spec: ModelSpec
     scheduler: Scheduler
-    stats: ModelStats
-    observer: InferenceObserver
+    stats: VersionRecorder
+    observer: InferenceObserver  # the same object as `stats`
 
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         """Validate and queue a request. Raises PipeserveError at once when it cannot be
@@ -127,13 +138,6 @@ class Registry:
         if served is None:
             raise ModelNotFoundError.for_model(name, version)
         return served
-
-    def submit(
-        self, request: InferRequest
-    ) -> tuple[ServedVersion, asyncio.Future[dict[str, np.ndarray]]]:
-        """Look up, validate and queue a request (ServedVersion.submit)."""
-        served = self.lookup(request.model_name, request.model_version)
-        return served, served.submit(request)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -195,8 +199,11 @@ class Registry:
                 model.reason = ""
             start = time.monotonic()
             try:
-                loaded = await asyncio.to_thread(load_model_folder, name, folder, override)
+                loaded = await asyncio.to_thread(
+                    load_model_folder, name, folder, override, self._stage_sink_for(name)
+                )
             except Exception as exc:  # whatever failed, the model must not stay LOADING
+                self._unbind_unserved(name, model)
                 if isinstance(exc, PipeserveError):
                     reason = exc.message
                 else:
@@ -251,18 +258,35 @@ class Registry:
     async def close(self) -> None:
         await asyncio.gather(*(self.unload(n) for n in list(self._models)), return_exceptions=True)
 
+    def _stage_sink_for(self, name: str) -> StageSinkFor | None:
+        """For the loader: bind version's recorder before its runner exists, so pipeline stages
+        get their metrics sink at construction. Runs on the loader's thread (bind_model locks)."""
+        metrics = self._metrics
+        if metrics is None:
+            return None
+        return lambda version: metrics.bind_model(name, version).stage_done
+
+    def _unbind_unserved(self, name: str, model: _Model) -> None:
+        """After a failed load: drop the recorders it bound for versions nobody serves."""
+        if self._metrics is None:
+            return
+        for bound_name, version in self._metrics.bound():
+            if bound_name == name and version not in model.versions:
+                self._metrics.unbind_model(name, version)
+
     def _serve(self, name: str, loaded: LoadedModel, version: int) -> ServedVersion:
         lv = loaded.versions[version]
-        stats = ModelStats()
-        observers: list[InferenceObserver] = [stats]
+        # One recorder per version: ModelStatistics and Prometheus read the same counts.
+        recorder: VersionRecorder
         if self._metrics is not None:
-            recorder = self._metrics.bind_model(name, version)
-            observers.append(recorder)
-            lv.stage_sink.target = recorder.stage_done
-            recorder.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
-        observer: InferenceObserver = observers[0] if len(observers) == 1 else FanOut(observers)
-        scheduler = create_scheduler(lv.batching, lv.spec, lv.runner, observer)
-        return ServedVersion(name, version, loaded.config, lv.spec, scheduler, stats, observer)
+            # Bound already when the load asked for its stage sink (the same recorder).
+            metrics = self._metrics.bind_model(name, version)
+            metrics.bind_stages(enumerate(lv.stage_devices))  # stage series exist from load
+            recorder = metrics
+        else:
+            recorder = ModelStats()
+        scheduler = create_scheduler(loaded.settings.batching, lv.spec, lv.runner, recorder)
+        return ServedVersion(name, version, loaded.config, lv.spec, scheduler, recorder, recorder)
 
     async def _retire(
         self,

@@ -113,6 +113,74 @@ class Settings:
         "or grpcio (grpc.aio)",
         choices=GRPC_FRONTENDS,
     )
+    # ---- what gRPC clients can make the server hold (api/h2/limits.py; docs/operations.md).
+    # Each is a field of H2Limits named without the grpc_ prefix (_secs for its _s); the ones
+    # grpc-core has an option for apply to --grpc-frontend grpcio too (marked "both").
+    grpc_max_concurrent_streams: int = option(
+        256, "streams one connection may have open; more get REFUSED_STREAM (both)"
+    )
+    grpc_max_header_list_bytes: int = option(
+        16 << 10, "largest request header block, encoded or decoded (both)"
+    )
+    grpc_max_continuations: int = option(8, "CONTINUATION frames one header block may take")
+    grpc_max_held_output_bytes: int = option(
+        16 << 20,
+        "answer bytes one connection may hold for a client whose windows are shut; past it new "
+        "streams get REFUSED_STREAM",
+    )
+    grpc_max_owed_control_frames: int = option(
+        1000, "PING/SETTINGS ACKs and refusals owed to a client that does not read; past it GOAWAY"
+    )
+    grpc_max_connections: int = option(
+        1024, "open gRPC connections; one more is told GOAWAY and closed"
+    )
+    grpc_max_inflight_request_bytes: int = option(
+        4 << 30,
+        "request bytes held by calls in progress, server-wide; a request past it gets "
+        "RESOURCE_EXHAUSTED at once",
+    )
+    grpc_max_decompressed_bytes: int = option(
+        256 << 20,
+        "size a compressed request may inflate to (checked while inflating); more: "
+        "RESOURCE_EXHAUSTED",
+    )
+    grpc_preface_timeout_secs: float = option(
+        10.0, "seconds a new connection has to send the HTTP/2 preface (both; 0: no limit)"
+    )
+    grpc_idle_timeout_secs: float = option(
+        300.0, "seconds a connection without calls stays open; then GOAWAY (both; 0: for ever)"
+    )
+    grpc_keepalive_time_secs: float = option(
+        7200.0, "seconds without input before the server pings the client (both; 0: never)"
+    )
+    grpc_keepalive_timeout_secs: float = option(
+        20.0, "seconds the client has to answer that ping; then the connection is closed (both)"
+    )
+    grpc_max_connection_age_secs: float = option(
+        0.0, "seconds after which a connection gets GOAWAY and the client reconnects (both; 0: off)"
+    )
+    grpc_min_ping_interval_secs: float = option(
+        300.0,
+        "a client PING sooner than this after the last one, with no answer sent between, is a "
+        "strike (both)",
+    )
+    grpc_max_ping_strikes: int = option(
+        2, "strikes tolerated; one more: GOAWAY ENHANCE_YOUR_CALM too_many_pings (both)"
+    )
+    grpc_reset_burst: int = option(
+        1000, "streams a client may reset before they are answered (rapid reset bucket)"
+    )
+    grpc_reset_rate: float = option(33.0, "per second, how fast that bucket refills")
+    grpc_max_settings_per_second: int = option(
+        100, "SETTINGS frames a connection may send a second"
+    )
+    grpc_max_pings_per_second: int = option(1000, "PING frames a connection may send a second")
+    grpc_max_empty_frames_per_second: int = option(
+        1000,
+        "empty DATA/HEADERS/CONTINUATION, PRIORITY and unknown frames a connection may send in "
+        "a second",
+    )
+    grpc_max_settings_entries: int = option(32, "entries one SETTINGS frame may carry")
 
     def __post_init__(self) -> None:
         if not self.model_repository.is_dir():
@@ -160,6 +228,47 @@ class Settings:
                 f"exit-timeout-secs must be >= 0, got {self.exit_timeout_secs}",
                 "exit_timeout_secs",
             )
+        for name in transport_limit_names():
+            value = getattr(self, name)
+            if name.endswith("_secs") and value < 0:
+                raise SettingsError(f"{_flag(name)} must be >= 0, got {value}", name)
+            if not name.endswith("_secs") and value <= 0:
+                raise SettingsError(f"{_flag(name)} must be > 0, got {value}", name)
+        if self.grpc_max_concurrent_streams > 2**31 - 1:
+            raise SettingsError(
+                "grpc-max-concurrent-streams must fit 31 bits", "grpc_max_concurrent_streams"
+            )
+
+
+def transport_limit_names() -> tuple[str, ...]:
+    """The settings that bound what gRPC clients can make the server hold: one per field of
+    api/h2's H2Limits (tests/unit/h2/test_settings_wiring.py keeps the two in step)."""
+    return _TRANSPORT_LIMITS
+
+
+_TRANSPORT_LIMITS = (
+    "grpc_max_concurrent_streams",
+    "grpc_max_header_list_bytes",
+    "grpc_max_continuations",
+    "grpc_max_held_output_bytes",
+    "grpc_max_owed_control_frames",
+    "grpc_max_connections",
+    "grpc_max_inflight_request_bytes",
+    "grpc_max_decompressed_bytes",
+    "grpc_preface_timeout_secs",
+    "grpc_idle_timeout_secs",
+    "grpc_keepalive_time_secs",
+    "grpc_keepalive_timeout_secs",
+    "grpc_max_connection_age_secs",
+    "grpc_min_ping_interval_secs",
+    "grpc_max_ping_strikes",
+    "grpc_reset_burst",
+    "grpc_reset_rate",
+    "grpc_max_settings_per_second",
+    "grpc_max_pings_per_second",
+    "grpc_max_empty_frames_per_second",
+    "grpc_max_settings_entries",
+)
 
 
 def options() -> list[tuple[str, Option, Any]]:

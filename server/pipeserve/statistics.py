@@ -4,6 +4,12 @@
   batch of n is charged the whole batch's compute time, as Triton does.
 - inference_count sums the batch sizes of successful requests; execution_count counts executions.
 - batch_stats are keyed by executed batch size.
+
+One recorder per model version: with metrics on, the version's recorder is
+metrics.recorder.ModelMetrics, a ModelStats that also keeps what Prometheus needs besides
+(failures by reason, histograms, pending, stages), so the ModelStatistics RPC and the Prometheus
+families read the same counts, written under one lock per event. With metrics off it is a plain
+ModelStats.
 """
 
 from __future__ import annotations
@@ -67,13 +73,7 @@ class ModelStats:
     ) -> None:
         now_ms = time.time_ns() // 1_000_000  # wall clock on purpose: a timestamp, not a duration
         with self._lock:
-            self._last_inference_ms = now_ms
-            self._inference_count += batch_size
-            self._success.add(total_ns)
-            self._queue.add(queue_ns)
-            self._compute_input.add(execution.compute_input_ns)
-            self._compute_infer.add(execution.compute_infer_ns)
-            self._compute_output.add(execution.compute_output_ns)
+            self._count_success(now_ms, batch_size, total_ns, queue_ns, execution)
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         with self._lock:
@@ -81,18 +81,40 @@ class ModelStats:
 
     def execution_done(self, execution: ExecutionTimings) -> None:
         with self._lock:
-            self._execution_count += 1
-            stats = self._batch.get(execution.batch_size)
-            if stats is None:
-                stats = self._batch[execution.batch_size] = BatchStats()
-            stats.compute_input.add(execution.compute_input_ns)
-            stats.compute_infer.add(execution.compute_infer_ns)
-            stats.compute_output.add(execution.compute_output_ns)
+            self._count_execution(execution)
+
+    # Callers hold self._lock (a subclass adds its own counts under the same acquisition).
+
+    def _count_success(
+        self,
+        now_ms: int,
+        batch_size: int,
+        total_ns: int,
+        queue_ns: int,
+        execution: ExecutionTimings,
+    ) -> None:
+        self._last_inference_ms = now_ms
+        self._inference_count += batch_size
+        self._success.add(total_ns)
+        self._queue.add(queue_ns)
+        self._compute_input.add(execution.compute_input_ns)
+        self._compute_infer.add(execution.compute_infer_ns)
+        self._compute_output.add(execution.compute_output_ns)
+
+    def _count_execution(self, execution: ExecutionTimings) -> None:
+        self._execution_count += 1
+        stats = self._batch.get(execution.batch_size)
+        if stats is None:
+            stats = self._batch[execution.batch_size] = BatchStats()
+        stats.compute_input.add(execution.compute_input_ns)
+        stats.compute_infer.add(execution.compute_infer_ns)
+        stats.compute_output.add(execution.compute_output_ns)
 
     def pending_changed(self, delta: int) -> None:
         pass
 
-    def snapshot(self) -> StatsSnapshot:
+    def statistics(self) -> StatsSnapshot:
+        """The ModelStatistics RPC's view, copied under the lock."""
         with self._lock:
             return StatsSnapshot(
                 last_inference_ms=self._last_inference_ms,
@@ -113,3 +135,7 @@ class ModelStats:
                     for size, b in sorted(self._batch.items())
                 },
             )
+
+    # The name the batcher's tests and benchmarks read it by; ModelMetrics redefines `snapshot`
+    # as its Prometheus view, so the data plane calls `statistics()`.
+    snapshot = statistics

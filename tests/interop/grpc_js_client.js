@@ -92,15 +92,16 @@ async function main() {
   const cancelled = await new Promise((resolve) => {
     const call = c.makeUnaryRequest(path("Wait"), same, same, Buffer.alloc(0), (err) =>
       resolve({ code: err?.code }));
-    setTimeout(() => call.cancel(), 300);
+    setTimeout(() => call.cancel(), 1000); // long after the request reached the server
   });
   out.cancel = { ok: cancelled.code === grpc.status.CANCELLED, code: cancelled.code };
 
   const stream = c.makeBidiStreamRequest(path("Stream"), same, same);
   const got = [];
   const streamEnd = ended(stream, got);
+  const firstEcho = new Promise((resolve) => stream.once("data", resolve));
   stream.write(Buffer.from("first"));
-  await new Promise((r) => setTimeout(r, 200));
+  await firstEcho; // the stream is open at both ends: cancel it mid-way
   stream.cancel();
   const streamStatus = await streamEnd;
   out.cancel_stream = {

@@ -81,10 +81,10 @@ def test_grpc_js_client_against_the_own_transport() -> None:
             assert node.returncode == 0, err.decode()
             # The cancellations reach the handlers before the client moves on; let the last
             # one's task finish running its except clause.
-            for _ in range(50):
+            for _ in range(100):
                 if cancelled >= 2:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
             return json.loads(out), cancelled
         finally:
             await server.stop(0)

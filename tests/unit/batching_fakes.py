@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,8 +134,23 @@ def request(
     return req
 
 
+class SteppedClock:
+    """time.monotonic_ns plus an offset a test moves forward: "1 ms has passed" becomes a fact
+    the test states (`advance`) instead of a sleep it hopes was long enough."""
+
+    def __init__(self) -> None:
+        self._offset_ns = 0
+
+    def __call__(self) -> int:
+        return time.monotonic_ns() + self._offset_ns
+
+    def advance(self, ns: int) -> None:
+        self._offset_ns += ns
+
+
 class Harness:
-    """A DynamicBatcher over a GatedRunner with real ModelStats as its observer."""
+    """A DynamicBatcher over a GatedRunner with real ModelStats as its observer and a clock the
+    test can step."""
 
     def __init__(
         self, text: str = "dynamic_batching { }", slots: int = 1, model: ModelSpec | None = None
@@ -142,7 +158,10 @@ class Harness:
         self.model = model or spec()
         self.runner = GatedRunner(slots)
         self.stats = ModelStats()
-        self.batcher = DynamicBatcher(self.model, self.runner, self.stats, policy(text, self.model))
+        self.clock = SteppedClock()
+        self.batcher = DynamicBatcher(
+            self.model, self.runner, self.stats, policy(text, self.model), clock=self.clock
+        )
 
     async def close(self, release: Callable[[Call], None] | None = None) -> None:
         """Drain: release every call until the batcher has stopped."""

@@ -86,6 +86,17 @@ async def start(max_message: int = 64 << 20) -> tuple[H2Server, EchoService, int
     return server, service, port
 
 
+def channel(port: int) -> grpc.aio.Channel:
+    """The real grpc C-core client, with message limits that fit the tests' 10-20 MiB calls."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
+    )
+
+
 def message(payload: bytes, compressed: bool = False) -> bytes:
     return bytes((int(compressed),)) + len(payload).to_bytes(4, "big") + payload
 

@@ -30,8 +30,12 @@ def transformer_like(layers: int = 2, dim: int = DIM, seed: int = 0) -> onnx.Mod
     for layer in range(layers):
         p = f"l{layer}_"
         nodes += [
-            helper.make_node("LayerNormalization", [x, weight(p + "g", [dim]),
-                                                    weight(p + "b", [dim])], [p + "h"], axis=-1),
+            helper.make_node(
+                "LayerNormalization",
+                [x, weight(p + "g", [dim]), weight(p + "b", [dim])],
+                [p + "h"],
+                axis=-1,
+            ),
             helper.make_node("MatMul", [p + "h", weight(p + "w1", [dim, 4 * dim])], [p + "f"]),
             helper.make_node("Add", [p + "f", weight(p + "b1", [4 * dim])], [p + "fb"]),
             helper.make_node("Relu", [p + "fb"], [p + "r"]),
@@ -48,23 +52,30 @@ def transformer_like(layers: int = 2, dim: int = DIM, seed: int = 0) -> onnx.Mod
     ]
     # A float16 weight, cast up.
     nodes += [
-        helper.make_node("Cast", [weight("half", [dim, dim], np.float16)], ["half32"],
-                         to=TensorProto.FLOAT),
+        helper.make_node(
+            "Cast", [weight("half", [dim, dim], np.float16)], ["half32"], to=TensorProto.FLOAT
+        ),
         helper.make_node("MatMul", ["tb", "half32"], ["th"]),
     ]
     # An If whose branches own initializers (subgraph weights).
     nodes += [
         helper.make_node("ReduceSum", ["th"], ["total"], keepdims=0),
-        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(
-            np.array(0.0, np.float32))),
+        helper.make_node(
+            "Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))
+        ),
         helper.make_node("Greater", ["total", "zero"], ["positive"]),
-        helper.make_node("If", ["positive"], ["branch"],
-                         then_branch=_branch("then", "th", dim, rng),
-                         else_branch=_branch("else", "th", dim, rng)),
+        helper.make_node(
+            "If",
+            ["positive"],
+            ["branch"],
+            then_branch=_branch("then", "th", dim, rng),
+            else_branch=_branch("else", "th", dim, rng),
+        ),
         helper.make_node("Add", ["th", "branch"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "transformer_like",
+        nodes,
+        "transformer_like",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", dim])],
         inits,
@@ -76,11 +87,13 @@ def transformer_like(layers: int = 2, dim: int = DIM, seed: int = 0) -> onnx.Mod
 
 
 def _branch(name: str, source: str, dim: int, rng: np.random.Generator) -> onnx.GraphProto:
-    w = numpy_helper.from_array((rng.standard_normal([dim, dim]) * 0.05).astype(np.float32),
-                                f"{name}_w")
+    w = numpy_helper.from_array(
+        (rng.standard_normal([dim, dim]) * 0.05).astype(np.float32), f"{name}_w"
+    )
     return helper.make_graph(
         [helper.make_node("MatMul", [source, f"{name}_w"], [f"{name}_out"])],
-        f"{name}_branch", [],
+        f"{name}_branch",
+        [],
         [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
         [w],
     )
@@ -91,8 +104,12 @@ def save_external(model: onnx.ModelProto, path: Path, *, one_file: bool = True) 
     tensor. Returns the graph path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=one_file,
-        location=path.name + ".data" if one_file else None, size_threshold=1024,
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location=path.name + ".data" if one_file else None,
+        size_threshold=1024,
     )
     return path
 

@@ -116,11 +116,6 @@ class AdaptiveDelay:
 
     # --- decisions --------------------------------------------------------------------------
 
-    def fixed_cost_ns(self) -> float | None:
-        """The fitted per-execution cost `a`, None until two batch sizes were timed."""
-        fit = self._fit
-        return None if fit is None else fit[0]
-
     def host_bound(self) -> bool:
         """Requests arrive concurrently while the slots are mostly idle."""
         return self._utilisation < BUSY and self._overlap >= OVERLAP

@@ -91,3 +91,9 @@ def start_workers(
     for w in workers:
         w.start()
     return workers
+
+
+def join_all(threads: Sequence[threading.Thread]) -> None:
+    """Join every worker thread (schedulers call it through asyncio.to_thread at close)."""
+    for t in threads:
+        t.join()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 
 import numpy as np
 
-from pipeserve.batching.base import ModelRunner, Pending, Scheduler, start_workers
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler, join_all, start_workers
 from pipeserve.batching.execute import execute_batch
 from pipeserve.errors import ModelNotReadyError, QueueFullError
 from pipeserve.inference import InferRequest, ModelSpec
@@ -62,9 +61,4 @@ class DirectScheduler(Scheduler):
         # FIFO: every accepted request is taken before a worker sees its stop marker.
         for _ in self._workers:
             await asyncio.to_thread(self._queue.put, _STOP)
-        await asyncio.to_thread(_join_all, self._workers)
-
-
-def _join_all(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join()
+        await asyncio.to_thread(join_all, self._workers)

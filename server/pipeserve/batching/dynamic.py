@@ -24,12 +24,12 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
 from pipeserve.batching.adaptive import AdaptiveDelay
-from pipeserve.batching.base import ModelRunner, Pending, Scheduler, start_workers
+from pipeserve.batching.base import ModelRunner, Pending, Scheduler, join_all, start_workers
 from pipeserve.batching.execute import execute_batch, fail
 from pipeserve.batching.forming import DelayPolicy, FixedDelay, decide
 from pipeserve.batching.ordering import OrderedRelease
@@ -54,7 +54,11 @@ class DynamicBatcher(Scheduler):
         runner: ModelRunner,
         observer: InferenceObserver,
         policy: BatchingPolicy,
+        clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        """`clock`: monotonic nanoseconds for enqueue times, queue deadlines and the batching
+        delay (tests pass one they can step forward instead of sleeping past a timeout)."""
+        self._clock = clock
         self._spec = spec
         self._runner = runner
         self._observer = observer
@@ -88,7 +92,7 @@ class DynamicBatcher(Scheduler):
         if self._closing:
             raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
         loop = asyncio.get_running_loop()
-        now = time.monotonic_ns()
+        now = self._clock()
         level = self._policy.level_of(request.priority)
         queue_policy = self._queues.policy(level)
         timeout_us = queue_policy.timeout_us(request.timeout_us)
@@ -141,7 +145,7 @@ class DynamicBatcher(Scheduler):
 
     def _expire(self, timed: Entry) -> None:
         """Loop timer for `timed`'s REJECT deadline (applies every expiry due by now)."""
-        now = time.monotonic_ns()
+        now = self._clock()
         with self._lock:
             rejected = self._queues.expire(now)
             if self._former_waiting:
@@ -159,7 +163,7 @@ class DynamicBatcher(Scheduler):
             self._closing = True
             self._cond.notify_all()
         # Workers drain every accepted request (no more waiting for batches to fill), then stop.
-        await asyncio.to_thread(_join_all, self._workers)
+        await asyncio.to_thread(join_all, self._workers)
 
     # --- worker side ------------------------------------------------------------------------
 
@@ -169,7 +173,7 @@ class DynamicBatcher(Scheduler):
                 batch = self._next_batch()
             if batch is None:
                 return
-            started = time.monotonic_ns()
+            started = self._clock()
             pendings = [e.pending for e in batch]
             try:
                 execute_batch(self._runner, slot, pendings, self._spec, self._observer)
@@ -181,7 +185,7 @@ class DynamicBatcher(Scheduler):
                         ExecutionError(f"batch failed on model '{self._spec.name}': {exc}"),
                         self._observer,
                     )
-            ended = time.monotonic_ns()
+            ended = self._clock()
             items = sum(e.size for e in batch)
             with self._lock:
                 self._executing -= items
@@ -193,7 +197,7 @@ class DynamicBatcher(Scheduler):
         policy = self._policy
         with self._cond:
             while True:
-                now = time.monotonic_ns()
+                now = self._clock()
                 for e in self._queues.expire(now):
                     fail(e.pending, RequestTimeoutError(), self._observer)
                 decision = decide(
@@ -220,8 +224,3 @@ class DynamicBatcher(Scheduler):
                 self._former_waiting = True
                 self._cond.wait(None if not wake else max(wake - now, 0) / 1e9)
                 self._former_waiting = False
-
-
-def _join_all(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join()

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeserve import parameters as table
 from pipeserve.errors import ConfigError
 from pipeserve.inference import ModelSpec
 
@@ -189,14 +190,8 @@ def _queue_policy(model: str, where: str, message: Any | None) -> QueuePolicy:
 
 
 def _mode(model: str, parameters: Mapping[str, Any]) -> BatchingMode:
-    if BATCHING_MODE_PARAMETER not in parameters:
-        return BatchingMode.FIXED
-    value = parameters[BATCHING_MODE_PARAMETER].string_value.strip().lower()
+    raw = {k: v.string_value for k, v in parameters.items()}
     try:
-        return BatchingMode(value)
-    except ValueError:
-        choices = ", ".join(f"'{m.value}'" for m in BatchingMode)
-        raise ConfigError(
-            f"model '{model}': parameter '{BATCHING_MODE_PARAMETER}' is "
-            f"'{parameters[BATCHING_MODE_PARAMETER].string_value}', expected one of {choices}"
-        ) from None
+        return BatchingMode(table.read(raw, BATCHING_MODE_PARAMETER, BatchingMode.FIXED.value))
+    except ConfigError as exc:
+        raise ConfigError(f"model '{model}': {exc}") from None

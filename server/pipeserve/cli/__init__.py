@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from pipeserve import __version__
 from pipeserve.cli.health import add_health_parser
+from pipeserve.cli.pack import add_pack_parser
 from pipeserve.cli.serve import add_serve_parser
-from pipeserve.partition.cli import add_split_parser
-from pipeserve.weights.pack import add_pack_parser
+from pipeserve.cli.split import add_split_parser
 
 DESCRIPTION = (
     "pipeserve: an inference server for ONNX models that speaks the KServe v2 / Triton gRPC "

@@ -21,6 +21,7 @@ writes without the suffix.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from pipeserve.metrics.gpu import GpuCollector
 from pipeserve.observers import ExecutionTimings
+from pipeserve.statistics import ModelStats
 
 # Latency bucket upper bounds in nanoseconds: 10 us .. 60 s on a 1-2.5-5 ladder, so that p50/p95/p99
 # interpolate within 2.5x anywhere from a tiny CPU model to a multi-second pipeline.
@@ -219,39 +221,25 @@ class ModelSnapshot:
     load_seconds: float | None
 
 
-class ModelMetrics:
-    """The Prometheus side of one loaded model version; an `InferenceObserver`.
+class ModelMetrics(ModelStats):
+    """The one recorder of a loaded model version (an `InferenceObserver`): ModelStats' counts,
+    which the ModelStatistics RPC reads, plus what only Prometheus needs: failures by reason,
+    latency and batch-size histograms, pending requests, load time, pipeline stages. Triton's
+    counters and the histograms' sums are read from the shared counts, so each is kept once.
 
     Thread-safe: called from scheduler workers and the event loop. Each call takes one lock once.
     """
 
-    __slots__ = (
-        "name", "version", "labels", "_lock",
-        "_success", "_failure", "_inference_count", "_exec_count",
-        "_request", "_request_ns", "_queue", "_queue_ns", "_input_ns", "_infer_ns", "_output_ns",
-        "_compute", "_compute_ns", "_batch", "_batch_sum", "_pending", "_load_seconds", "_stages",
-    )  # fmt: skip
-
     def __init__(self, name: str, version: int) -> None:
+        super().__init__()
         self.name = name
         self.version = version
         self.labels = LabelSets.for_model(name, version)
-        self._lock = threading.Lock()
-        self._success = 0
         self._failure = [0] * len(FAILURE_REASONS)
-        self._inference_count = 0
-        self._exec_count = 0
-        self._request = [0] * (len(LATENCY_BOUNDS_NS) + 1)
-        self._request_ns = 0
-        self._queue = [0] * (len(LATENCY_BOUNDS_NS) + 1)
-        self._queue_ns = 0
-        self._input_ns = 0
-        self._infer_ns = 0
-        self._output_ns = 0
-        self._compute = [0] * (len(LATENCY_BOUNDS_NS) + 1)
-        self._compute_ns = 0
-        self._batch = [0] * (len(BATCH_BOUNDS) + 1)
-        self._batch_sum = 0
+        self._request_buckets = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+        self._queue_buckets = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+        self._compute_buckets = [0] * (len(LATENCY_BOUNDS_NS) + 1)
+        self._batch_buckets = [0] * (len(BATCH_BOUNDS) + 1)
         self._pending = 0
         self._load_seconds: float | None = None
         # Written under _lock (rarely: once per stage); read without it on the pipeline's hot
@@ -265,21 +253,16 @@ class ModelMetrics:
     ) -> None:
         ri = bisect_left(LATENCY_BOUNDS_NS, total_ns)
         qi = bisect_left(LATENCY_BOUNDS_NS, queue_ns)
+        now_ms = time.time_ns() // 1_000_000  # ModelStatistics' last_inference: a timestamp
         with self._lock:
-            self._success += 1
-            self._inference_count += batch_size
-            self._request[ri] += 1
-            self._request_ns += total_ns
-            self._queue[qi] += 1
-            self._queue_ns += queue_ns
-            self._input_ns += execution.compute_input_ns
-            self._infer_ns += execution.compute_infer_ns
-            self._output_ns += execution.compute_output_ns
+            self._count_success(now_ms, batch_size, total_ns, queue_ns, execution)
+            self._request_buckets[ri] += 1
+            self._queue_buckets[qi] += 1
 
     def request_failed(self, reason: str, total_ns: int) -> None:
-        # Triton exposes no failure duration, so total_ns is not kept here (ModelStats keeps it).
         index = _REASON_INDEX.get(reason, _OTHER)
         with self._lock:
+            self._fail.add(total_ns)
             self._failure[index] += 1
 
     def execution_done(self, execution: ExecutionTimings) -> None:
@@ -289,11 +272,9 @@ class ModelMetrics:
         ci = bisect_left(LATENCY_BOUNDS_NS, compute_ns)
         bi = bisect_left(BATCH_BOUNDS, execution.batch_size)
         with self._lock:
-            self._exec_count += 1
-            self._compute[ci] += 1
-            self._compute_ns += compute_ns
-            self._batch[bi] += 1
-            self._batch_sum += execution.batch_size
+            self._count_execution(execution)
+            self._compute_buckets[ci] += 1
+            self._batch_buckets[bi] += 1
 
     def pending_changed(self, delta: int) -> None:
         with self._lock:
@@ -330,20 +311,31 @@ class ModelMetrics:
         with self._lock:
             self._load_seconds = seconds
 
-    def snapshot(self) -> ModelSnapshot:
+    def snapshot(self) -> ModelSnapshot:  # type: ignore[override]
+        """The Prometheus view (the ModelStatistics view is `statistics()`)."""
         with self._lock:
+            per_size = self._batch.items()
             return ModelSnapshot(
-                success=self._success,
+                success=self._success.count,
                 failure=tuple(self._failure),
                 inference_count=self._inference_count,
-                exec_count=self._exec_count,
-                request=Histogram(tuple(self._request), self._request_ns),
-                queue=Histogram(tuple(self._queue), self._queue_ns),
-                compute_input_ns=self._input_ns,
-                compute_infer_ns=self._infer_ns,
-                compute_output_ns=self._output_ns,
-                compute=Histogram(tuple(self._compute), self._compute_ns),
-                batch_size=Histogram(tuple(self._batch), self._batch_sum),
+                exec_count=self._execution_count,
+                request=Histogram(tuple(self._request_buckets), self._success.ns),
+                queue=Histogram(tuple(self._queue_buckets), self._queue.ns),
+                compute_input_ns=self._compute_input.ns,
+                compute_infer_ns=self._compute_infer.ns,
+                compute_output_ns=self._compute_output.ns,
+                compute=Histogram(
+                    tuple(self._compute_buckets),
+                    sum(
+                        b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns
+                        for _, b in per_size
+                    ),
+                ),
+                batch_size=Histogram(
+                    tuple(self._batch_buckets),
+                    sum(size * b.compute_infer.count for size, b in per_size),
+                ),
                 pending=self._pending,
                 load_seconds=self._load_seconds,
             )

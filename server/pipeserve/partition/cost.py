@@ -22,12 +22,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, shape_inference
 
+from pipeserve.partition import hints
+
 log = logging.getLogger(__name__)
 
 # Unknown symbolic dimensions get these sizes for profiling and estimates: the first dimension is
 # usually the batch, the others sequence lengths or spatial sizes.
-DEFAULT_BATCH_HINT = 1
-DEFAULT_DIM_HINT = 8
+DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT = hints.DEFAULT_BATCH_HINT, hints.DEFAULT_DIM_HINT
 
 
 def dim_values(model: onnx.ModelProto, batch_hint: int, dim_hint: int) -> dict[str, int]:

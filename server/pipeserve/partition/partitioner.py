@@ -69,10 +69,6 @@ class Plan:
     graph_outputs: tuple[str, ...]
     base_dir: Path | None  # where external weight files are found
 
-    @property
-    def cut_tensors(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(c.tensors for c in self.cuts)
-
 
 def load_graph(path: Path) -> onnx.ModelProto:
     """The model's graph and initializer metadata, never its external weights."""

@@ -222,10 +222,30 @@ def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
     return ordered[-count:]
 
 
-def parameter(config: ModelConfig, key: str, default: str = "") -> str:
-    """A string parameter from the config's `parameters` map."""
-    entry = config.parameters.get(key)
-    return entry.string_value if entry is not None else default
+def string_parameters(config: ModelConfig) -> dict[str, str]:
+    """The config's `parameters` map as key -> string value."""
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def instance_groups(config: ModelConfig) -> list[tuple[str, int, tuple[int, ...]]]:
+    """(kind without KIND_, count, gpus) of each instance_group."""
+    return [
+        (mc.ModelInstanceGroup.Kind.Name(g.kind).removeprefix("KIND_"), g.count, tuple(g.gpus))
+        for g in config.instance_group
+    ]
+
+
+def accelerators(config: ModelConfig) -> list[tuple[str, str, tuple[tuple[str, str], ...]]]:
+    """(\"gpu\" or \"cpu\", name, parameters) of each optimization.execution_accelerators entry."""
+    found = config.optimization.execution_accelerators
+    return [
+        (kind, a.name, tuple(sorted(a.parameters.items())))
+        for kind, listed in (
+            ("gpu", found.gpu_execution_accelerator),
+            ("cpu", found.cpu_execution_accelerator),
+        )
+        for a in listed
+    ]
 
 
 def to_json(config: ModelConfig) -> str:

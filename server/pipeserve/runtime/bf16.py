@@ -21,10 +21,13 @@ def uses_bf16(session: ort.InferenceSession) -> bool:
 
 
 def run_with_ort_values(
-    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], names: list[str]
+    session: ort.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    names: list[str],
+    run_options: ort.RunOptions | None = None,
 ) -> dict[str, np.ndarray]:
     feeds = {name: _to_ort_value(array) for name, array in inputs.items()}
-    results = session.run_with_ort_values(names, feeds)
+    results = session.run_with_ort_values(names, feeds, run_options)
     return {name: _from_ort_value(value) for name, value in zip(names, results, strict=True)}
 
 

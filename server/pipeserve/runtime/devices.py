@@ -1,4 +1,15 @@
-"""Which execution providers exist, detected once per process, and which one a stage gets."""
+"""The device vocabulary (`Device`: "cpu" or "cuda:N"), what this machine has (cores, CUDA),
+detected once per process, and the one rule for a device that is not there.
+
+Every session pipeserve opens (an instance of an instance_group, a pipeline stage) is placed on a
+Device. Triton's instance_group kinds map onto it (`instance_device`): KIND_CPU is "cpu",
+KIND_GPU and KIND_AUTO are "cuda:N" for the group's GPU N.
+
+Missing GPU, one rule (`place`): a session asked for on CUDA where onnxruntime cannot use CUDA
+(no device, no CUDA libraries) runs on the CPU, and one WARNING per model load names what moved.
+A Triton repository written for a GPU server thus still serves on a CPU-only machine; the
+warning, and the `device` label of the stage series and the load log, say where it really runs.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +17,64 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    kind: Literal["cpu", "cuda"]
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+
+CPU = Device("cpu")
+
+
+def instance_device(kind: str, gpu: int = 0) -> Device:
+    """The device an instance_group kind asks for ("GPU", "CPU" or "AUTO", Triton's kinds).
+
+    AUTO means "a GPU where there is one": on a machine without one it is the CPU, silently."""
+    if kind == "CPU" or (kind == "AUTO" and not cuda_usable()):
+        return CPU
+    return Device("cuda", gpu)
+
+
+def place(requested: Sequence[Device], what: str) -> tuple[Device, ...]:
+    """Where each requested session really runs: CUDA ones on the CPU where onnxruntime cannot
+    use CUDA, with one WARNING for all of `what` (e.g. "model 'm' instances")."""
+    if all(d.kind == "cpu" for d in requested) or cuda_usable():
+        return tuple(requested)
+    moved = sorted({str(d) for d in requested if d.kind == "cuda"})
+    log.warning(
+        "%s ask for %s but onnxruntime cannot use CUDA here (no GPU or no CUDA libraries): "
+        "they run on the CPU",
+        what,
+        ", ".join(moved),
+    )
+    return tuple(CPU for _ in requested)
+
+
+def session_cores() -> int:
+    """Cores onnxruntime sessions may use: all but one, kept for the event loop and the RPC
+    path. Measured on 2 cores (docs/benchmarks.md, dynamic batching): onnxruntime on both cores
+    starves the RPC path and costs more throughput than the compute gains."""
+    return max(1, available_cpus() - 1)
+
+
+def split_cores(cpu_sessions: int, cores: int | None = None) -> int:
+    """The thread-budget rule: intra-op threads per CPU session when the config gives none,
+    `cores` (default session_cores()) split evenly between the CPU sessions that run at once."""
+    total = session_cores() if cores is None else cores
+    return max(1, total // max(1, cpu_sessions))
 
 
 @functools.cache
@@ -48,7 +112,7 @@ def cuda_usable() -> bool:
         count = _probe_cuda_session()
     usable = count > 0
     if not usable:
-        log.info("no CUDA device found: every model instance runs on the CPU execution provider")
+        log.info("no CUDA device found: every session runs on the CPU execution provider")
     return usable
 
 
@@ -66,15 +130,3 @@ def _probe_cuda_session() -> int:
     if lib.cudaGetDeviceCount(ctypes.byref(n)) != 0:
         return 0
     return n.value
-
-
-def providers_for(kind: str, device_id: int = 0) -> tuple[list[object], str]:
-    """Provider list for a stage and the device it will really run on ("cuda:N" or "cpu").
-
-    kind: "GPU", "CPU" or "AUTO" (Triton's instance_group kinds).
-    """
-    if kind in ("GPU", "AUTO") and cuda_usable():
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], (
-            f"cuda:{device_id}"
-        )
-    return ["CPUExecutionProvider"], "cpu"

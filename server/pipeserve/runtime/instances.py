@@ -15,14 +15,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
+from pipeserve import parameters as table
+from pipeserve.errors import ConfigError
 from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
-from pipeserve.runtime.devices import available_cpus, providers_for
-from pipeserve.weights.mapping import MappedWeights, open_session, release_weights
+from pipeserve.runtime.devices import CPU, Device, instance_device, place
+from pipeserve.runtime.sessions import (
+    DEFAULT_SETTINGS,
+    OrtSettings,
+    ThreadBudget,
+    open_onnx_session,
+    run_options,
+    thread_budget,
+)
+from pipeserve.weights.mapping import MappedWeights, release_weights
 
 log = logging.getLogger(__name__)
 
-Opened = tuple[ort.InferenceSession, MappedWeights | None]
+Opened = tuple[ort.InferenceSession, MappedWeights | None, str]  # session, weights, device
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +40,26 @@ class InstancePlan:
 
     kinds: tuple[str, ...]  # one entry per instance: "GPU", "CPU" or "AUTO"
     gpu_ids: tuple[int, ...]  # one entry per instance (0 for CPU)
-    intra_op_threads: int
+    intra_op_threads: int  # of each CPU instance (devices.split_cores unless the config gives it)
     inter_op_threads: int
     # CPU instances start without weight pre-packing and are upgraded in the background.
     fast_start: bool = True
+    # Where each instance runs (devices.place: a missing GPU means the CPU). Empty: from kinds.
+    devices: tuple[Device, ...] = ()
+    # intra_op_thread_count was given: every instance, CUDA ones too, uses it.
+    intra_op_given: bool = False
+    ort: OrtSettings = DEFAULT_SETTINGS
+
+    def device(self, slot: int) -> Device:
+        if self.devices:
+            return self.devices[slot]
+        return instance_device(self.kinds[slot], self.gpu_ids[slot])
+
+    def budget(self, slot: int) -> ThreadBudget:
+        """Slot's threads by the one rule (sessions.thread_budget)."""
+        cpu_sessions = sum(1 for i in range(len(self.kinds)) if self.device(i).kind == "cpu")
+        given = self.intra_op_threads if self.intra_op_given else None
+        return thread_budget(self.device(slot), cpu_sessions, given, self.inter_op_threads)
 
 
 class SessionInstances:
@@ -47,12 +72,14 @@ class SessionInstances:
         sessions: list[ort.InferenceSession],
         devices: list[str],
         weights: list[MappedWeights] | None = None,
+        run_options: ort.RunOptions | None = None,
     ) -> None:
         self._sessions = sessions
         self.devices = tuple(devices)
         # Mapped weight files the sessions read from: released only after the sessions.
         self._weights = weights or []
         self._bf16 = bool(sessions) and uses_bf16(sessions[0])
+        self._run_options = run_options
         self._lock = threading.Lock()
         self._closed = False
         self._upgrader: threading.Thread | None = None
@@ -67,8 +94,8 @@ class SessionInstances:
         names = list(output_names)
         session = self._sessions[slot]
         if self._bf16:
-            return run_with_ort_values(session, inputs, names)
-        results = session.run(names, dict(inputs))
+            return run_with_ort_values(session, inputs, names, self._run_options)
+        results = session.run(names, dict(inputs), self._run_options)
         return dict(zip(names, results, strict=True))
 
     def start_upgrade(self, slots: Sequence[int], open_full: Callable[[int], Opened]) -> None:
@@ -93,7 +120,7 @@ class SessionInstances:
             if self._closed:
                 return
             try:
-                session, weights = open_full(slot)
+                session, weights, _ = open_full(slot)
             except Exception as exc:  # the fast session keeps serving; only speed is lost
                 log.warning("instance %d stays without pre-packed weights: %s", slot, exc)
                 continue
@@ -116,9 +143,13 @@ class SessionInstances:
 
 
 def plan_instances(
-    groups: Sequence[tuple[str, int, Sequence[int]]], params: Mapping[str, str]
+    groups: Sequence[tuple[str, int, Sequence[int]]],
+    params: Mapping[str, str],
+    model_name: str = "",
+    settings: OrtSettings = DEFAULT_SETTINGS,
 ) -> InstancePlan:
-    """groups: (kind, count, gpus) per instance_group. params: the config's string parameters."""
+    """groups: (kind, count, gpus) per instance_group. params: the config's string parameters;
+    settings: the model's onnxruntime settings (sessions.ort_settings)."""
     kinds: list[str] = []
     gpu_ids: list[int] = []
     for kind, count, gpus in groups:
@@ -130,30 +161,18 @@ def plan_instances(
         for i in range(count):
             kinds.append(kind)
             gpu_ids.append(ids[i % len(ids)] if kind != "CPU" else 0)
-    total = max(1, len(kinds))
-    # Split the cores between instances unless the config says otherwise, keeping one for gRPC
-    # and the event loop: measured on 2 cores (docs/benchmarks.md, dynamic batching), onnxruntime
-    # on both cores starves the RPC path and costs more throughput than the compute gains.
-    default_threads = max(1, (available_cpus() - 1) // total)
-    intra = _int_param(params, "intra_op_thread_count", default_threads)
-    inter = _int_param(params, "inter_op_thread_count", 1)
-    fast = params.get("fast_start", "true").lower()
-    if fast not in ("true", "false"):
-        raise ConfigError(f"parameter 'fast_start' must be 'true' or 'false', got '{fast}'")
-    return InstancePlan(tuple(kinds), tuple(gpu_ids), intra, inter, fast == "true")
-
-
-def _int_param(params: Mapping[str, str], key: str, default: int) -> int:
-    raw = params.get(key, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"parameter '{key}' must be an integer, got '{raw}'") from None
-    if value < 0:
-        raise ConfigError(f"parameter '{key}' must be >= 0, got {value}")
-    return value or default
+    devices = place(
+        [instance_device(k, g) for k, g in zip(kinds, gpu_ids, strict=True)],
+        f"model '{model_name}' instances" if model_name else "instances",
+    )
+    cpu_sessions = sum(1 for d in devices if d.kind == "cpu")
+    given = table.read(params, "intra_op_thread_count", 0)
+    intra = thread_budget(CPU, cpu_sessions, given).intra_op
+    inter = table.read(params, "inter_op_thread_count", 0) or 1
+    fast = table.read(params, "fast_start", True)
+    return InstancePlan(
+        tuple(kinds), tuple(gpu_ids), intra, inter, fast, devices, given > 0, settings
+    )
 
 
 def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> SessionInstances:
@@ -172,11 +191,23 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
     # Only models with weight files beside the graph (external data, `pipeserve pack`) are big
     # enough for load time to matter; inline models keep one deterministic kernel choice.
     weight_files = any(p != model_path for p in model_path.parent.iterdir())
-    for slot, (kind, gpu) in enumerate(zip(plan.kinds, plan.gpu_ids, strict=True)):
-        providers, device = providers_for(kind, gpu)
-        fast = plan.fast_start and weight_files and device == "cpu"
+    what = f"model '{model_name}' from '{model_path}'"
+
+    def open_slot(slot: int, prepack: bool) -> Opened:
+        opened = open_onnx_session(
+            model_path,
+            plan.device(slot),
+            plan.budget(slot),
+            what=what,
+            settings=plan.ort,
+            prepack=prepack,
+        )
+        return opened.session, opened.weights, str(opened.device)
+
+    for slot in range(len(plan.kinds)):
+        fast = plan.fast_start and weight_files and plan.device(slot).kind == "cpu"
         try:
-            session, weights = _open(model_path, providers, plan, model_name, prepack=not fast)
+            session, weights, device = open_slot(slot, prepack=not fast)
         except BaseException:
             sessions.clear()  # the instances made so far, before the weights they read
             release_weights(mapped)
@@ -188,32 +219,6 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
         if fast:
             to_upgrade.append(slot)
     log.info("model '%s': %d instance(s) on %s", model_name, len(sessions), ", ".join(devices))
-    instances = SessionInstances(sessions, devices, mapped)
-
-    def open_full(slot: int) -> Opened:
-        providers, _ = providers_for(plan.kinds[slot], plan.gpu_ids[slot])
-        return _open(model_path, providers, plan, model_name, prepack=True)
-
-    instances.start_upgrade(to_upgrade, open_full)
+    instances = SessionInstances(sessions, devices, mapped, run_options(plan.ort))
+    instances.start_upgrade(to_upgrade, lambda slot: open_slot(slot, prepack=True))
     return instances
-
-
-def _open(
-    model_path: Path, providers: list[object], plan: InstancePlan, model_name: str, prepack: bool
-) -> Opened:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = plan.intra_op_threads
-    options.inter_op_num_threads = plan.inter_op_threads
-    options.log_severity_level = 3
-    # A server shares its cores with gRPC and the event loop: onnxruntime's intra-op threads
-    # must sleep between runs rather than spin on the cores those need.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        # External weights are mapped, checked against the pack index and prefetched.
-        return open_session(model_path, providers, options, prepack=prepack)
-    except PipeserveError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelLoadError(
-            f"onnxruntime could not load model '{model_name}' from '{model_path}': {exc}"
-        ) from None

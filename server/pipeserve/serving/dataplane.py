@@ -135,7 +135,7 @@ class DataPlane:
                 for model in self._registry.model_names()
                 for v in self._registry.served_versions(model)
             ]
-        return [VersionStatistics(v.name, str(v.version), v.stats.snapshot()) for v in versions]
+        return [VersionStatistics(v.name, str(v.version), v.stats.statistics()) for v in versions]
 
     # ---- inference ----------------------------------------------------------------------------
 

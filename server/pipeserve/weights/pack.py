@@ -14,12 +14,10 @@ instead of keeping a private packed copy per session. See pack_index.py for the 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -32,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from pipeserve.errors import ModelLoadError, PipeserveError
+from pipeserve.errors import ModelLoadError
 from pipeserve.weights.external_data import (
     Prepacked,
     PrepackedBlob,
@@ -42,6 +40,7 @@ from pipeserve.weights.external_data import (
     iter_initializers,
     set_external,
 )
+from pipeserve.weights.layout import DEFAULT_ALIGNMENT, DEFAULT_INLINE_BELOW
 from pipeserve.weights.pack_index import (
     BlobEntry,
     OptimizedGraph,
@@ -57,8 +56,6 @@ log = logging.getLogger(__name__)
 GRAPH_NAME = "model.onnx"
 OPTIMIZED_GRAPH_NAME = "model.cpu.onnx"
 WEIGHT_FILE_NAME = "weights.bin"
-DEFAULT_ALIGNMENT = 64 << 10
-DEFAULT_INLINE_BELOW = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,53 +393,3 @@ def _add_optimized(
         tensors=tuple(tensors),
         blobs=tuple(blobs),
     )
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def add_pack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register `pipeserve pack` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "pack",
-        help="rewrite an ONNX model into the memory-mapped layout pipeserve loads fastest",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("model", type=Path, help="source .onnx file (inline or external weights)")
-    p.add_argument("out_dir", type=Path, help="folder to write model.onnx, weights.bin, index")
-    p.add_argument(
-        "--no-optimize",
-        action="store_true",
-        help="skip the onnxruntime CPU graph with pre-packed weights (model.cpu.onnx); "
-        "weights.bin then holds one copy of the weights instead of about two",
-    )
-    p.add_argument(
-        "--alignment",
-        type=int,
-        default=DEFAULT_ALIGNMENT,
-        help=f"byte alignment of every tensor in weights.bin (default: {DEFAULT_ALIGNMENT})",
-    )
-    p.add_argument(
-        "--inline-below",
-        type=int,
-        default=DEFAULT_INLINE_BELOW,
-        help=f"initializers smaller than this stay in the graph (default: {DEFAULT_INLINE_BELOW})",
-    )
-    p.set_defaults(func=run_pack)
-
-
-def run_pack(args: argparse.Namespace) -> int:
-    try:
-        report = pack_model(
-            args.model,
-            args.out_dir,
-            optimize=not args.no_optimize,
-            alignment=args.alignment,
-            inline_below=args.inline_below,
-        )
-    except PipeserveError as exc:
-        print(f"pipeserve pack: error: {exc}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0

@@ -36,6 +36,11 @@ _QUEUED_LIMIT = 4 << 20
 # Queued response bytes above which a streaming handler waits for the client to read.
 _STREAM_BACKLOG = 1 << 20
 
+# A compressed message inflates on the event loop up to this many bytes; the rest of it inflates
+# on a worker thread (zlib lets go of the GIL), so a big inflation never stalls other calls.
+_INLINE_INFLATE = 1 << 20
+_INFLATE_STEP = 1 << 20
+
 
 class Context:
     """The call's side of the servicer-context contract (`pipeserve.api.context`): `abort`,
@@ -92,11 +97,23 @@ def _unbase64(value: bytes) -> bytes:
 
 
 class Limits:
-    __slots__ = ("max_receive", "max_send")
+    """Message size limits, and the request bytes held by unfinished calls server-wide (one
+    object shared by every call: the event loop is its only user)."""
 
-    def __init__(self, max_receive: int, max_send: int) -> None:
+    __slots__ = ("max_receive", "max_send", "max_inflight", "max_inflate", "inflight")
+
+    def __init__(
+        self,
+        max_receive: int,
+        max_send: int,
+        max_inflight: int = 1 << 62,
+        max_inflate: int = 1 << 62,
+    ) -> None:
         self.max_receive = max_receive
         self.max_send = max_send
+        self.max_inflight = max_inflight
+        self.max_inflate = max_inflate
+        self.inflight = 0
 
 
 class Call:
@@ -110,12 +127,14 @@ class Call:
         "on_done",
         "buffer",
         "task",
+        "started",
         "timer",
         "cancel_reason",
         "messages",
         "queued",
         "withheld",
-        "decompress",
+        "wbits",
+        "charged",
     )
 
     def __init__(
@@ -133,12 +152,14 @@ class Call:
         self.on_done = on_done
         self.buffer = bytearray()
         self.task: asyncio.Task[None] | None = None
+        self.started = False  # the task's coroutine began (a task cancelled before never does)
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_reason: str | None = None
-        self.messages: asyncio.Queue[bytes | None] | None = None
+        self.messages: asyncio.Queue[bytes | _Inflation | None] | None = None
         self.queued = 0  # bytes of received messages the handler has not taken yet
         self.withheld = 0  # bytes received but not credited back while `queued` is high
-        self.decompress: Callable[[bytes], bytes] | None = None
+        self.wbits: int | None = None  # zlib window bits of the request's grpc-encoding
+        self.charged = 0  # this call's share of limits.inflight
 
     # ---- set-up (the endpoint calls this right after opening the stream) -------------------
 
@@ -146,8 +167,8 @@ class Call:
         loop = asyncio.get_running_loop()
         encoding = self.headers.get(b"grpc-encoding", b"identity")
         if encoding != b"identity":
-            self.decompress = _decompressor(encoding, self.limits.max_receive)
-            if self.decompress is None:
+            self.wbits = _WBITS.get(encoding)
+            if self.wbits is None:
                 self.finish(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"compression algorithm '{encoding.decode('latin-1')}' is not supported "
@@ -170,10 +191,33 @@ class Call:
     def data(self, payload: memoryview, end: bool) -> None:
         if self.stream.done:
             return
+        if payload and not self._charge(len(payload)):
+            return
         if self.messages is None:
             self._unary_data(payload, end)
         else:
             self._stream_data(payload, end)
+
+    def _charge(self, n: int) -> bool:
+        """Counts `n` received bytes against the server-wide in-flight limit; past it the call
+        is answered RESOURCE_EXHAUSTED at once (it is not queued: overload is said, not
+        suffered)."""
+        limits = self.limits
+        if limits.inflight + n > limits.max_inflight:
+            self._fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server over its in-flight request limit ({limits.max_inflight} bytes held by "
+                "calls in progress): retry later",
+            )
+            return False
+        limits.inflight += n
+        self.charged += n
+        return True
+
+    def _uncharge(self, n: int) -> None:
+        n = min(n, self.charged)
+        self.charged -= n
+        self.limits.inflight -= n
 
     def _unary_data(self, payload: memoryview, end: bool) -> None:
         buffer = self.buffer
@@ -182,8 +226,14 @@ class Call:
             self._dispatch(payload)
             return
         buffer += payload
-        if len(buffer) >= _PREFIX and not self._size_ok(buffer):
-            return
+        if len(buffer) >= _PREFIX:
+            if not self._size_ok(buffer):
+                return
+            declared = _PREFIX + int.from_bytes(buffer[1:_PREFIX], "big")
+            if len(buffer) > declared:
+                # Refused, not credited: the client may not push more than its one message.
+                self._fail(grpc.StatusCode.INTERNAL, _one_message(len(buffer), declared))
+                return
         if end:
             self._dispatch(memoryview(buffer))
         else:
@@ -206,15 +256,25 @@ class Call:
             )
             return
         if len(data) != _PREFIX + size:
-            self.finish(
-                grpc.StatusCode.INTERNAL,
-                f"a unary call carries exactly one message (got {len(data)} bytes, the first "
-                f"message declares {size})",
-            )
+            self.finish(grpc.StatusCode.INTERNAL, _one_message(len(data), _PREFIX + size))
             return
-        body = self._unpack(data[0], data[_PREFIX:])
-        if body is None:
-            return
+        body: bytes | memoryview = data[_PREFIX:]
+        if data[0]:
+            inflation = self._inflation(data[0], data[_PREFIX:])
+            if inflation is None:
+                return
+            if not self._inflate(inflation, _INLINE_INFLATE):
+                return
+            if not inflation.finished:  # too big to inflate on the loop: the task does it
+                self.task = asyncio.get_running_loop().create_task(self._run_inflated(inflation))
+                return
+            inflated = self._inflated(inflation)
+            if inflated is None:
+                return
+            body = inflated
+        self._deserialize_and_run(body)
+
+    def _deserialize_and_run(self, body: bytes | memoryview) -> None:
         try:
             request = self.method.request_deserializer(body)
         except Exception as exc:
@@ -233,20 +293,74 @@ class Call:
             return False
         return True
 
-    def _unpack(self, flag: int, body: memoryview) -> bytes | memoryview | None:
-        if flag == 0:
-            return body
+    # ---- compressed messages --------------------------------------------------------------
+
+    def _inflation(self, flag: int, body: memoryview) -> _Inflation | None:
         if flag != 1:
             self._fail(grpc.StatusCode.INTERNAL, f"bad compressed flag {flag} (0 or 1)")
             return None
-        if self.decompress is None:
+        if self.wbits is None:
             self._fail(grpc.StatusCode.INTERNAL, "compressed message without a grpc-encoding")
             return None
+        limits = self.limits
+        cap = min(limits.max_receive, limits.max_inflate, limits.max_inflight - limits.inflight)
+        return _Inflation(self.wbits, bytes(body), max(cap, 0))
+
+    def _inflate(self, inflation: _Inflation, budget: int) -> bool:
+        """Runs `inflation` on the loop for up to `budget` bytes; False when it failed (and
+        the call was answered)."""
         try:
-            return self.decompress(bytes(body))
-        except (zlib.error, ValueError) as exc:
-            self._fail(grpc.StatusCode.INTERNAL, f"could not decompress the message: {exc}")
+            inflation.run(budget)
+        except _InflateError as exc:
+            self._fail(exc.code, str(exc))
+            return False
+        return True
+
+    def _inflated(self, inflation: _Inflation) -> bytes | None:
+        """The finished message, its inflated size charged in place of its compressed one."""
+        message = inflation.result()
+        self._uncharge(len(inflation.source) + _PREFIX)
+        if not self._charge(len(message)):
             return None
+        return message
+
+    async def _inflate_off_loop(self, inflation: _Inflation) -> None:
+        """Inflates the rest of `inflation` on a worker thread. What it may still grow to is
+        reserved in the in-flight budget meanwhile, so big inflations running at once stay
+        within that budget together (the worker cannot count as it goes: the loop owns it)."""
+        limits = self.limits
+        room = max(limits.max_inflight - limits.inflight, 0)
+        inflation.cap = min(inflation.cap, inflation.total + room)
+        reserved = inflation.cap - inflation.total
+        limits.inflight += reserved
+        self.charged += reserved
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, inflation.run, inflation.cap + 1)
+        finally:
+            self._uncharge(reserved)
+
+    async def _run_inflated(self, inflation: _Inflation) -> None:
+        self.started = True
+        try:
+            await self._inflate_off_loop(inflation)
+        except asyncio.CancelledError:
+            inflation.cancelled = True  # the worker stops at its next step
+            self._end_cancelled()
+            return
+        except _InflateError as exc:
+            self.finish(exc.code, str(exc))
+            return
+        body = self._inflated(inflation)
+        if body is None:
+            return
+        try:
+            request = self.method.request_deserializer(body)
+        except Exception as exc:
+            self.finish(grpc.StatusCode.INTERNAL, f"could not parse the request message: {exc}")
+            return
+        await self._run(request)
+
+    # ---- streaming requests ---------------------------------------------------------------
 
     def _stream_data(self, payload: memoryview, end: bool) -> None:
         # Credit comes back at once (a message may exceed the window, and the half-received one
@@ -264,19 +378,58 @@ class Call:
             size = int.from_bytes(buffer[1:_PREFIX], "big")
             if len(buffer) < _PREFIX + size:
                 break
-            body = self._unpack(buffer[0], memoryview(buffer)[_PREFIX : _PREFIX + size])
-            if body is None:
-                return
-            message = bytes(body)
-            del body
+            message: bytes | _Inflation
+            if buffer[0]:
+                inflation = self._inflation(buffer[0], memoryview(buffer)[_PREFIX : _PREFIX + size])
+                if inflation is None or not self._inflate(inflation, _INLINE_INFLATE):
+                    return
+                if inflation.finished:
+                    inflated = self._inflated(inflation)
+                    if inflated is None:
+                        return
+                    message = inflated
+                else:
+                    message = inflation  # the handler's task finishes it on a worker
+            else:
+                message = bytes(buffer[_PREFIX : _PREFIX + size])
             del buffer[: _PREFIX + size]
-            self.queued += len(message)
+            self.queued += _PREFIX + size
             self.messages.put_nowait(message)
         if end:
             if buffer:
                 self._fail(grpc.StatusCode.INTERNAL, "stream ended inside a message")
                 return
             self.messages.put_nowait(None)
+
+    async def _requests(self) -> AsyncIterator[Any]:
+        assert self.messages is not None
+        deserialize = self.method.request_deserializer
+        while (message := await self.messages.get()) is not None:
+            if isinstance(message, _Inflation):
+                self.queued -= len(message.source) + _PREFIX
+                try:
+                    await self._inflate_off_loop(message)
+                except asyncio.CancelledError:
+                    message.cancelled = True
+                    raise
+                except _InflateError as exc:
+                    self._fail(exc.code, str(exc))
+                    raise asyncio.CancelledError from exc
+                inflated = self._inflated(message)
+                if inflated is None:
+                    raise asyncio.CancelledError
+                body = inflated
+                self._uncharge(len(body))
+            else:
+                self.queued -= len(message) + _PREFIX
+                body = message
+                self._uncharge(len(body) + _PREFIX)
+            if self.withheld and self.queued < _QUEUED_LIMIT:
+                self.stream.credit(self.withheld)
+                self.withheld = 0
+            yield deserialize(body)
+
+    # ---- ending -----------------------------------------------------------------------------
 
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         """A transport-level failure while the handler may be running: answer, stop it."""
@@ -294,8 +447,12 @@ class Call:
             self.cancel_reason = reason
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the task answers through _end_cancelled
-        else:
-            self._end_cancelled()
+            if self.started:
+                return
+        # No coroutine will run to answer (none exists, or its task was cancelled before its
+        # first step, which never enters the coroutine): end the call here, or it would stay
+        # registered for ever (rapid reset).
+        self._end_cancelled()
 
     def _end_cancelled(self) -> None:
         """The status a cancelled call ends with: a reset stream gets none (nobody listens)."""
@@ -313,6 +470,7 @@ class Call:
     # ---- running the handler ------------------------------------------------------------------
 
     async def _run(self, arg: Any) -> None:
+        self.started = True
         method = self.method
         context = Context(self)
         try:
@@ -353,16 +511,6 @@ class Call:
             if stream.done:
                 raise asyncio.CancelledError
 
-    async def _requests(self) -> AsyncIterator[Any]:
-        assert self.messages is not None
-        deserialize = self.method.request_deserializer
-        while (message := await self.messages.get()) is not None:
-            self.queued -= len(message)
-            if self.withheld and self.queued < _QUEUED_LIMIT:
-                self.stream.credit(self.withheld)
-                self.withheld = 0
-            yield deserialize(message)
-
     def finish(self, code: grpc.StatusCode, details: str = "") -> None:
         """Ends the call with a status (trailers-only when nothing was sent yet)."""
         block = _OK_TRAILERS if code == grpc.StatusCode.OK else f.trailers(code.value[0], details)
@@ -373,6 +521,9 @@ class Call:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.charged:
+            self.limits.inflight -= self.charged
+            self.charged = 0
         on_done, self.on_done = self.on_done, _ignore
         on_done(self)
 
@@ -385,18 +536,69 @@ def _ignore(call: Call) -> None:
     pass
 
 
-def _decompressor(encoding: bytes, limit: int) -> Callable[[bytes], bytes] | None:
-    wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
-        return None
+def _one_message(got: int, declared: int) -> str:
+    return (
+        f"a unary call carries exactly one message (got {got} bytes, the first message "
+        f"declares {declared - _PREFIX})"
+    )
 
-    def decompress(data: bytes) -> bytes:
-        inflater = zlib.decompressobj(wbits)
-        out = inflater.decompress(data, limit + 1)
-        if len(out) > limit:
-            raise ValueError(f"decompressed message larger than max ({limit} bytes)")
-        if not inflater.eof:  # zlib returns what it could of a cut stream without an error
-            raise ValueError("the compressed message is truncated")
-        return out
 
-    return decompress
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+class _InflateError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Inflation:
+    """One compressed message, inflated in steps with the size limit checked at each step
+    (zlib's max_length): a small bomb never grows past the limit. `run` may be called from a
+    worker thread; the event loop only reads the result once it returned."""
+
+    __slots__ = ("inflater", "source", "tail", "cap", "parts", "total", "finished", "cancelled")
+
+    def __init__(self, wbits: int, data: bytes, cap: int) -> None:
+        self.inflater = zlib.decompressobj(wbits)
+        self.source = data
+        self.tail = data
+        self.cap = cap
+        self.parts: list[bytes] = []
+        self.total = 0
+        self.finished = False
+        self.cancelled = False
+
+    def run(self, budget: int) -> None:
+        """Inflates up to `budget` more bytes (stops early once the message is complete)."""
+        inflater = self.inflater
+        while budget > 0 and not self.finished and not self.cancelled:
+            want = min(_INFLATE_STEP, budget, self.cap + 1 - self.total)
+            try:
+                piece = inflater.decompress(self.tail, want)
+            except zlib.error as exc:
+                raise _InflateError(
+                    grpc.StatusCode.INTERNAL, f"could not decompress the message: {exc}"
+                ) from exc
+            self.tail = inflater.unconsumed_tail
+            self.total += len(piece)
+            budget -= len(piece)
+            if self.total > self.cap:
+                self.parts.clear()
+                raise _InflateError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Received message larger than max (more than {self.cap} bytes once "
+                    "decompressed: the message or decompression limit, or what the server's "
+                    "in-flight limit had left)",
+                )
+            if piece:
+                self.parts.append(piece)
+            if inflater.eof:
+                self.finished = True
+            elif not self.tail and len(piece) < want:
+                # zlib returns what it could of a cut stream without an error
+                raise _InflateError(grpc.StatusCode.INTERNAL, "the compressed message is truncated")
+
+    def result(self) -> bytes:
+        parts, self.parts = self.parts, []
+        return parts[0] if len(parts) == 1 else b"".join(parts)

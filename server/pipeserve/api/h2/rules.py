@@ -14,7 +14,6 @@ block: the connection caches validated blocks), never per byte of a message.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 
 from pipeserve.api.h2 import frames as f
 
@@ -129,6 +128,9 @@ def window_increment(stream_id: int, payload: memoryview) -> int:
     return increment
 
 
+MAX_FRAME_LIMIT = 16_777_215  # 2^24-1, the largest SETTINGS_MAX_FRAME_SIZE
+
+
 def check_settings(values: list[tuple[int, int]]) -> None:
     """The values RFC 9113 6.5.2 bounds; unknown settings are ignored."""
     for key, value in values:
@@ -144,9 +146,6 @@ def check_settings(values: list[tuple[int, int]]) -> None:
                 f"SETTINGS_MAX_FRAME_SIZE of {value} outside "
                 f"{f.DEFAULT_MAX_FRAME}..{MAX_FRAME_LIMIT}",
             )
-
-
-MAX_FRAME_LIMIT = 16_777_215  # 2^24-1, the largest SETTINGS_MAX_FRAME_SIZE
 
 
 # ---- flow control (RFC 9113 6.9) ----------------------------------------------------------
@@ -193,23 +192,30 @@ CLOSED_REMEMBERED = 4096
 
 
 class ClosedStreams:
-    """How the most recent closed streams ended: the last `CLOSED_REMEMBERED` resets and,
-    apart (so a run of ordinary calls cannot push a recent reset out), the last
-    `CLOSED_REMEMBERED` streams that ended normally. The bound keeps a peer from growing this;
-    a stream older than a few thousand closures is long past the round trip in which the peer
-    could still have had frames in flight for it."""
+    """How the most recent closed streams ended: at least the last `CLOSED_REMEMBERED` resets
+    and, apart (so a run of ordinary calls cannot push a recent reset out), at least the last
+    `CLOSED_REMEMBERED` streams that ended normally; never more than twice that. The bound keeps
+    a peer from growing this; a stream older than a few thousand closures is long past the
+    round trip in which the peer could still have had frames in flight for it.
+
+    Plain dicts (insertion order is closing order) trimmed by half when full: one dict store
+    per closed stream on the hot path, the trim amortised over thousands of closures."""
 
     __slots__ = ("_resets", "_ended")
 
     def __init__(self) -> None:
-        self._resets: OrderedDict[int, int] = OrderedDict()
-        self._ended: OrderedDict[int, int] = OrderedDict()
+        self._resets: dict[int, int] = {}
+        self._ended: dict[int, int] = {}
 
     def add(self, stream_id: int, how: int) -> None:
-        record = self._ended if how == ENDED else self._resets
-        record[stream_id] = how
-        if len(record) > CLOSED_REMEMBERED:
-            record.popitem(last=False)
+        if how == ENDED:
+            self._ended[stream_id] = how
+            if len(self._ended) > 2 * CLOSED_REMEMBERED:
+                self._ended = _newest(self._ended)
+        else:
+            self._resets[stream_id] = how
+            if len(self._resets) > 2 * CLOSED_REMEMBERED:
+                self._resets = _newest(self._resets)
 
     def get(self, stream_id: int) -> int | None:
         how = self._resets.get(stream_id)
@@ -217,6 +223,10 @@ class ClosedStreams:
 
     def __len__(self) -> int:
         return len(self._resets) + len(self._ended)
+
+
+def _newest(record: dict[int, int]) -> dict[int, int]:
+    return dict(list(record.items())[-CLOSED_REMEMBERED:])
 
 
 def frame_on_closed(kind: int, stream_id: int, how: int | None, last_stream_id: int) -> None:

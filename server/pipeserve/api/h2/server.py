@@ -3,7 +3,8 @@
 Servicers are registered through the generated `add_*Servicer_to_server(servicer, server)`
 functions exactly as with grpc.aio; `add_insecure_port` binds at once (so the port is known before
 start), `start` accepts, `stop(grace)` drains: listeners close, every connection gets GOAWAY, calls
-in flight have `grace` seconds, then are cancelled with UNAVAILABLE.
+in flight have `grace` seconds, then are cancelled with UNAVAILABLE. What peers can make it hold is
+bounded by the `H2Limits` it is given (limits.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2 import rules
 from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
 from pipeserve.api.h2.connection import CallSink, Connection, Stream
+from pipeserve.api.h2.limits import H2Limits
 
 log = logging.getLogger(__name__)
 
 _BACKLOG = 1024
+# Seconds a refused connection may take to read its GOAWAY.
+_LINGER = 2.0
 
 
 class _Answered:
@@ -38,6 +42,32 @@ class _Answered:
 _ANSWERED = _Answered()
 
 
+class _Refused(asyncio.Protocol):
+    """A connection past the server's connection cap: told why (GOAWAY), then closed. Its input
+    is read and dropped until then: closing with unread input would reset the connection and
+    could destroy the GOAWAY before the client reads it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        log.warning("connection refused: the server holds its limit of %d", self.limit)
+        message = f"server at its limit of {self.limit} connections".encode()
+        out: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
+        out.write(f.settings({}) + f.goaway(0, f.REFUSED_STREAM, message))
+        if out.can_write_eof():
+            out.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER, out.abort)
+        else:
+            out.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client read it and closed: close too
+
+
 def _is_grpc(content_type: bytes) -> bool:
     """application/grpc, or with a `+format` or `;parameters` suffix (gRPC over HTTP/2)."""
     return content_type.startswith(b"application/grpc") and content_type[16:17] in (
@@ -48,8 +78,14 @@ def _is_grpc(content_type: bytes) -> bool:
 
 
 class H2Server:
-    def __init__(self, max_receive: int, max_send: int) -> None:
-        self._limits = Limits(max_receive, max_send)
+    def __init__(self, max_receive: int, max_send: int, limits: H2Limits | None = None) -> None:
+        self.limits = limits or H2Limits()
+        self._limits = Limits(
+            max_receive,
+            max_send,
+            self.limits.max_inflight_request_bytes,
+            self.limits.max_decompressed_bytes,
+        )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
         self._sockets: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
@@ -121,14 +157,27 @@ class H2Server:
             call.cancel(_SHUTDOWN)
         await asyncio.sleep(0)  # the cancelled handlers write their status
         for connection in list(self._connections):
-            connection.abort(f.NO_ERROR, "server stopped")
+            connection.abort(f.NO_ERROR, "server stopped", linger=False)
 
     # ---- Endpoint (used by connections) ---------------------------------------------------------
 
-    def _connection(self) -> Connection:
-        connection = Connection(self)
+    def _connection(self) -> asyncio.Protocol:
+        if len(self._connections) >= self.limits.max_connections:
+            return _Refused(self.limits.max_connections)
+        connection = Connection(self, self.limits)
         self._connections.add(connection)
         return connection
+
+    def inflight_request_bytes(self) -> int:
+        """Request bytes held by calls in progress (all connections)."""
+        return self._limits.inflight
+
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def call_count(self) -> int:
+        """Calls registered and not finished (all connections)."""
+        return len(self._calls)
 
     def connection_closed(self, connection: Connection) -> None:
         self._connections.discard(connection)

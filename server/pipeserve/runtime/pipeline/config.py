@@ -6,7 +6,8 @@
     micro_batch_size            rows per micro-batch (default: batch / stages, rounded up)
     pipeline_cuts               "t1,t2": tensors after whose producers the graph is cut
                                 (stages - 1 names; default: chosen by the partitioner)
-    pipeline_threads_per_stage  intra-op threads of each CPU stage (default: cores / stages)
+    pipeline_threads_per_stage  intra-op threads of each CPU stage (default: the session cores,
+                                all but one, split between the CPU stages)
     pipeline_in_flight          batches in the pipeline at once (default: stages)
     pipeline_cost               auto | profile | estimate: how node costs are obtained
 
@@ -20,8 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeserve import parameters as table
 from pipeserve.errors import ConfigError
-from pipeserve.runtime.devices import available_cpus
+from pipeserve.runtime.devices import Device, split_cores
 
 PIPELINE_KEYS = ("pipeline_devices", "pipeline_stages", "pipeline_cuts")
 ALL_KEYS = (
@@ -35,22 +37,15 @@ _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 
 
 @dataclass(frozen=True, slots=True)
-class Device:
-    kind: Literal["cpu", "cuda"]
-    index: int = 0
-
-    def __str__(self) -> str:
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
-
-
-@dataclass(frozen=True, slots=True)
 class PipelineConfig:
     devices: tuple[Device, ...]  # one per stage
     micro_batch_size: int | None
     cuts: tuple[str, ...] | None
-    threads_per_stage: int
+    threads_per_stage: int  # of each CPU stage
     in_flight: int
     cost: Literal["auto", "profile", "estimate"]
+    # pipeline_threads_per_stage was given (else the split follows the stages' placement).
+    threads_given: bool = False
 
     @property
     def stages(self) -> int:
@@ -108,15 +103,11 @@ def parse_pipeline_config(
             f"pipeline_cuts names {len(cuts)} tensor(s) but {stages} stages need "
             f"{stages - 1} cut(s)"
         )
-    cores = cpu_count or available_cpus()
-    cpu_stages = sum(1 for d in devices if d.kind == "cpu") or 1
-    threads = _positive_int(parameters, "pipeline_threads_per_stage") or max(1, cores // cpu_stages)
+    cpu_stages = sum(1 for d in devices if d.kind == "cpu")
+    given = _positive_int(parameters, "pipeline_threads_per_stage")
+    threads = given or split_cores(cpu_stages, cpu_count)
     in_flight = _positive_int(parameters, "pipeline_in_flight") or stages
-    cost = parameters.get("pipeline_cost", "auto").strip() or "auto"
-    if cost not in ("auto", "profile", "estimate"):
-        raise ConfigError(
-            f"parameter 'pipeline_cost' is '{cost}': expected auto, profile or estimate"
-        )
+    cost = table.read(parameters, "pipeline_cost", "auto")
     return PipelineConfig(
         devices=devices,
         micro_batch_size=_positive_int(parameters, "micro_batch_size"),
@@ -124,19 +115,12 @@ def parse_pipeline_config(
         threads_per_stage=threads,
         in_flight=in_flight,
         cost=cost,  # type: ignore[arg-type]
+        threads_given=given is not None,
     )
 
 
 def _positive_int(parameters: Mapping[str, str], key: str) -> int | None:
-    raw = parameters.get(key, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"parameter '{key}' is '{raw}': expected a positive integer") from None
-    if value < 1:
-        raise ConfigError(f"parameter '{key}' is {value}: expected a positive integer")
+    value: int | None = table.read(parameters, key)
     return value
 
 

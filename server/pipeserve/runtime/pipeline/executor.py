@@ -32,8 +32,10 @@ import numpy as np
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
 from pipeserve.partition.partitioner import Plan, partition_model
+from pipeserve.runtime.devices import place
 from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline.stage import StageRunner, to_numpy
+from pipeserve.runtime.sessions import DEFAULT_SETTINGS, OrtSettings, thread_budget
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,7 @@ def create_pipeline_runner(
     parameters: Mapping[str, str],
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
 ) -> PipelineRunner | None:
     """The runner for a pipelined model version, or None when `parameters` ask for no pipeline.
 
@@ -330,6 +333,17 @@ def create_pipeline_runner(
     config = parse_pipeline_config(parameters)
     if config is None:
         return None
+    return pipeline_runner(model_path, config, spec, on_stage, settings)
+
+
+def pipeline_runner(
+    model_path: Path,
+    config: PipelineConfig,
+    spec: ModelSpec,
+    on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
+) -> PipelineRunner:
+    """Partition the model as `config` says and open its stages (see create_pipeline_runner)."""
     plan = partition_model(
         model_path,
         config.stages,
@@ -337,7 +351,7 @@ def create_pipeline_runner(
         cost=config.cost,
         batch_hint=max(1, config.micro_batch_size or 1),
     )
-    return build_pipeline_runner(plan, config, spec, on_stage)
+    return build_pipeline_runner(plan, config, spec, on_stage, settings)
 
 
 def build_pipeline_runner(
@@ -345,13 +359,23 @@ def build_pipeline_runner(
     config: PipelineConfig,
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
+    settings: OrtSettings = DEFAULT_SETTINGS,
 ) -> PipelineRunner:
     """Open a session per stage of `plan` on the configured devices and start the threads."""
     runners: list[StageRunner] = []
+    devices = place(config.devices, f"model '{spec.name}' pipeline stages")
+    cpu_stages = sum(1 for d in devices if d.kind == "cpu")
+    # threads_per_stage was split over the requested CPU stages: it stands unless stages moved.
+    keep = config.threads_given or devices == config.devices
     try:
-        for stage, device in zip(plan.stages, config.devices, strict=True):
-            threads = config.threads_per_stage if device.kind == "cpu" else 1
-            runners.append(StageRunner(stage, device, plan.base_dir, threads, model_name=spec.name))
+        for stage, device in zip(plan.stages, devices, strict=True):
+            given = config.threads_per_stage if device.kind == "cpu" and keep else None
+            threads = thread_budget(device, cpu_stages, given).intra_op
+            runners.append(
+                StageRunner(
+                    stage, device, plan.base_dir, threads, model_name=spec.name, settings=settings
+                )
+            )
     except BaseException:
         for runner in runners:
             runner.close()
@@ -361,7 +385,7 @@ def build_pipeline_runner(
         spec.name,
         spec.version,
         len(runners),
-        ", ".join(str(d) for d in config.devices),
+        ", ".join(str(r.device) for r in runners),
         "; ".join(
             f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
             for s in plan.stages

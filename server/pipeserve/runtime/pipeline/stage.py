@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from pipeserve.errors import ConfigError, ModelLoadError, PipeserveError
 from pipeserve.partition.partitioner import StagePlan
-from pipeserve.runtime.pipeline.config import Device
-from pipeserve.weights.mapping import MappedWeights, open_stage_session, release_weights
+from pipeserve.runtime.devices import Device
+from pipeserve.runtime.sessions import (
+    DEFAULT_SETTINGS,
+    OrtSettings,
+    ThreadBudget,
+    open_onnx_session,
+)
+from pipeserve.weights.mapping import release_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +42,31 @@ class StageRunner:
         threads: int,
         binding: bool | None = None,
         model_name: str = "",
+        settings: OrtSettings = DEFAULT_SETTINGS,
     ) -> None:
         self.index = plan.index
-        self.device = device
         self.inputs = plan.inputs
         self.outputs = plan.outputs
-        self.binding = device.kind == "cuda" if binding is None else binding
-        self._session, self._weights = _open_session(plan, device, base_dir, threads, model_name)
+        # The stage graph is built in memory; its external weights live beside the original.
+        opened = open_onnx_session(
+            plan.model,
+            device,
+            ThreadBudget(threads),
+            what=f"pipeline stage {plan.index} of model '{model_name}'",
+            settings=settings,
+            weights_dir=base_dir,
+        )
+        self._session, self._weights = opened.session, opened.weights
+        self._run_options = opened.run_options
+        self.device = opened.device
+        self.binding = self.device.kind == "cuda" if binding is None else binding
 
     def run(self, env: Mapping[str, Any]) -> tuple[dict[str, Any], int, int]:
         """Run on the values in `env`; returns (outputs by name, compute ns, transfer ns)."""
         if not self.binding:
             feed = {name: env[name] for name in self.inputs}
             start = time.monotonic_ns()
-            results = self._session.run(list(self.outputs), feed)
+            results = self._session.run(list(self.outputs), feed, self._run_options)
             return dict(zip(self.outputs, results, strict=True)), time.monotonic_ns() - start, 0
         return self._run_bound(env)
 
@@ -69,7 +84,7 @@ class StageRunner:
         for name in self.outputs:
             io.bind_output(name, device_type, self.device.index)
         bound = time.monotonic_ns()
-        self._session.run_with_iobinding(io)
+        self._session.run_with_iobinding(io, self._run_options)
         io.synchronize_outputs()
         done = time.monotonic_ns()
         values = io.get_outputs()
@@ -88,48 +103,3 @@ def to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     return value.numpy()  # type: ignore[no-any-return]
-
-
-def _open_session(
-    plan: StagePlan, device: Device, base_dir: Path | None, threads: int, model_name: str
-) -> tuple[ort.InferenceSession, MappedWeights | None]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    # Stages share the cores: spinning intra-op threads would steal them from the other stages.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if device.kind == "cuda":
-        providers: list[Any] = [
-            ("CUDAExecutionProvider", {"device_id": device.index}),
-            "CPUExecutionProvider",
-        ]
-    else:
-        providers = ["CPUExecutionProvider"]
-    weights: MappedWeights | None = None
-    try:
-        if base_dir is not None:
-            # The stage model is built in memory; its external weights live beside the original
-            # and only the byte ranges this stage references are checked, mapped and prefetched.
-            session, weights = open_stage_session(plan.model, base_dir, providers, options)
-        else:
-            session = ort.InferenceSession(
-                plan.model.SerializeToString(), sess_options=options, providers=providers
-            )
-    except PipeserveError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelLoadError(
-            f"onnxruntime could not load pipeline stage {plan.index} of model '{model_name}' "
-            f"on {device}: {exc}"
-        ) from None
-    if device.kind == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        del session
-        if weights is not None:
-            release_weights([weights])
-        raise ConfigError(
-            f"pipeline stage {plan.index} of model '{model_name}' asks for {device}, but "
-            f"onnxruntime cannot use CUDA here (no GPU or no CUDA libraries); use 'cpu' stages"
-        )
-    return session, weights

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from pipeserve.api.h2 import frames as f
-from tests.unit.h2_driver import SERVICE, RawClient, message, start
+from tests.unit.h2_driver import SERVICE, RawClient, channel, message, start
 
 
 def run(body: Callable[..., Awaitable[None]]) -> None:
@@ -28,16 +28,6 @@ def run(body: Callable[..., Awaitable[None]]) -> None:
 
 def _same(b: bytes) -> bytes:
     return b
-
-
-def channel(port: int) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ],
-    )
 
 
 def unary(ch: grpc.aio.Channel, method: str):  # type: ignore[no-untyped-def]

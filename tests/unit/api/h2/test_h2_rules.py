@@ -229,12 +229,18 @@ def test_frames_on_closed_streams() -> None:
 def test_closed_streams_are_bounded_and_resets_outlive_ordinary_ends() -> None:
     closed = rules.ClosedStreams()
     closed.add(1, rules.RESET_BY_US)
-    for stream_id in range(3, 3 + 2 * (rules.CLOSED_REMEMBERED + 10), 2):
+    ordinary = range(3, 3 + 2 * (3 * rules.CLOSED_REMEMBERED), 2)
+    for stream_id in ordinary:
         closed.add(stream_id, rules.ENDED)
     assert closed.get(1) == rules.RESET_BY_US  # a run of ordinary calls did not push it out
     assert closed.get(3) is None  # the oldest ordinary ends were forgotten
-    assert len(closed) == rules.CLOSED_REMEMBERED + 1
-    for stream_id in range(10_001, 10_001 + 2 * (rules.CLOSED_REMEMBERED + 1), 2):
+    newest = list(ordinary)[-rules.CLOSED_REMEMBERED :]
+    assert all(closed.get(i) == rules.ENDED for i in newest)  # the newest ones never are
+    assert len(closed) <= 2 * rules.CLOSED_REMEMBERED + 1
+    resets = range(100_001, 100_001 + 2 * (3 * rules.CLOSED_REMEMBERED), 2)
+    for stream_id in resets:
         closed.add(stream_id, rules.RESET_BY_PEER)
     assert closed.get(1) is None
-    assert len(closed) == 2 * rules.CLOSED_REMEMBERED
+    newest = list(resets)[-rules.CLOSED_REMEMBERED :]
+    assert all(closed.get(i) == rules.RESET_BY_PEER for i in newest)
+    assert len(closed) <= 4 * rules.CLOSED_REMEMBERED

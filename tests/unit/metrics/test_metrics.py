@@ -371,3 +371,23 @@ def test_recorded_through_a_real_scheduler_next_to_model_stats() -> None:
     assert snap.batch_size.counts[:3] == (2, 1, 1)
     assert snap.pending == 0
     assert isinstance(prom, ModelMetrics)
+
+
+def test_one_recorder_feeds_model_statistics_and_prometheus() -> None:
+    from pipeserve.metrics.recorder import FAILURE_REASONS
+
+    m = ModelMetrics("m", 1)
+    m.request_succeeded(2, 5_000, 1_000, ExecutionTimings(2, 10, 20, 30))
+    m.request_failed("REJECTED", 700)
+    m.execution_done(ExecutionTimings(2, 10, 20, 30))
+    rpc, prom = m.statistics(), m.snapshot()
+    assert rpc.success.count == prom.success == 1
+    assert rpc.success.ns == prom.request.total == 5_000
+    assert rpc.queue.ns == prom.queue.total == 1_000
+    assert rpc.inference_count == prom.inference_count == 2
+    assert rpc.execution_count == prom.exec_count == 1
+    assert rpc.compute_infer.ns == prom.compute_infer_ns == 20
+    assert rpc.fail.count == 1 and rpc.fail.ns == 700
+    assert prom.failure[FAILURE_REASONS.index("REJECTED")] == 1
+    assert rpc.batch_stats[2].compute_infer.ns == 20
+    assert prom.compute.total == 60 and prom.batch_size.total == 2

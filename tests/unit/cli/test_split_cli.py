@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeserve.partition.cli import add_split_parser, main
+from pipeserve.cli.split import add_split_parser, main
 from tests.fixtures import graphs
 
 

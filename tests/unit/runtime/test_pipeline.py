@@ -4,6 +4,7 @@ batch fails alone; close drains; per-stage statistics and the metrics callback."
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -287,13 +288,24 @@ def test_bad_pipeline_configs_are_refused_at_load(parameters: dict[str, str], me
 
 
 @pytest.mark.skipif(cuda_usable(), reason="a GPU is present: CUDA stages load")
-def test_cuda_stage_without_a_gpu_is_refused() -> None:
-    with pytest.raises(ConfigError, match="cannot use CUDA here"):
-        create_pipeline_runner(
-            graphs.torch_model("mlp"),
-            {"pipeline_devices": "cuda:0,cuda:1", "pipeline_cost": "estimate"},
-            _spec(),
+def test_cuda_stages_without_a_gpu_run_on_the_cpu_with_one_warning(
+    closing: list[PipelineRunner], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The one missing-GPU rule (runtime/devices.place), the same as for instance groups.
+    path = graphs.torch_model("mlp")
+    with caplog.at_level(logging.WARNING, logger="pipeserve.runtime"):
+        runner = create_pipeline_runner(
+            path, {"pipeline_devices": "cuda:0,cuda:1", "pipeline_cost": "estimate"}, _spec("big")
         )
+    assert runner is not None
+    closing.append(runner)
+    assert runner.devices == ("cpu", "cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "model 'big' pipeline stages ask for cuda:0, cuda:1" in warnings[0]
+    assert "run on the CPU" in warnings[0]
+    feeds = graphs.torch_inputs("mlp", 4)
+    _assert_same(runner.run(0, feeds, ["y"]), _reference(path, feeds))
 
 
 def test_stage_plan_from_partition_runs_directly() -> None:

@@ -13,10 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from pipeserve.cli.pack import add_pack_parser
 from pipeserve.errors import ModelLoadError
 from pipeserve.weights.external_data import external_refs, iter_initializers
 from pipeserve.weights.mapping import open_session
-from pipeserve.weights.pack import add_pack_parser, pack_model
+from pipeserve.weights.pack import pack_model
 from pipeserve.weights.pack_index import INDEX_NAME, read_index
 from tests.unit.weights_models import (
     sample_input,

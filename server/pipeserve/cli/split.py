@@ -4,6 +4,8 @@ MODEL is an .onnx file, a folder holding model.onnx, or a model folder of a repo
 highest numeric version is used). The plan lists, per stage, the compute nodes, the shape
 arithmetic it recomputes, its weight bytes and estimated cost; and per cut, the tensors crossing
 it. The graph is read without weights, so this works on models of any size.
+
+onnx and onnxruntime are imported only when the command runs, so `--help` stays light.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeserve.errors import PipeserveError
-from pipeserve.partition.cost import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
-from pipeserve.partition.partitioner import Plan, partition_model
+from pipeserve.partition.hints import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
+
+if TYPE_CHECKING:
+    from pipeserve.partition.partitioner import Plan
 
 
 def add_split_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -59,6 +63,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_split(args: argparse.Namespace) -> int:
+    from pipeserve.partition.partitioner import partition_model
+
     try:
         path = resolve_model_path(args.model)
         cuts = [c.strip() for c in args.cuts.split(",") if c.strip()] or None
