@@ -99,7 +99,14 @@ def run(
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
-    assert "error" not in output.lower(), output
+    checked = output
+    if protocol == "http" and "--async" in args:
+        # perf_analyzer 2.41's async HTTP client reads a curl message after it has removed and
+        # cleaned up the message's easy handle (which curl says invalidates the message), so at
+        # random it prints this line for a request that completed normally: the client's own
+        # bug, not an answer of the server (the server's counts below still have to add up).
+        checked = output.replace("Unexpected error: received CURLMsg=0", "")
+    assert "error" not in checked.lower(), output
     return output
 
 
