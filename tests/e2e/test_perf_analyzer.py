@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,16 +97,21 @@ def run(
     binary, env = perf_analyzer
     url = server.url if protocol == "grpc" else server.http_url
     cmd = [binary, "-m", model, "-i", protocol, "-u", url, *MEASURE, *args]
+    async_http = protocol == "http" and "--async" in args
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if async_http and done.returncode == -signal.SIGSEGV and server.proc.poll() is None:
+        # perf_analyzer 2.41's async HTTP client reads a curl message after it has removed and
+        # cleaned up the message's easy handle (which curl says invalidates the message): at
+        # random it crashes on that freed memory, or prints "received CURLMsg=<whatever the
+        # freed memory holds>" for a request that completed normally; it does the same against
+        # Triton's own HTTP endpoint. The client's bug, not the server's: one more run, and the
+        # server must still be up and every count must still add up.
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
     checked = output
-    if protocol == "http" and "--async" in args:
-        # perf_analyzer 2.41's async HTTP client reads a curl message after it has removed and
-        # cleaned up the message's easy handle (which curl says invalidates the message), so at
-        # random it prints this line for a request that completed normally: the client's own
-        # bug, not an answer of the server (the server's counts below still have to add up).
-        checked = output.replace("Unexpected error: received CURLMsg=0", "")
+    if async_http:
+        checked = re.sub(r"Unexpected error: received CURLMsg=-?\d+", "", output)
     assert "error" not in checked.lower(), output
     return output
 
