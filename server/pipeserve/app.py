@@ -40,10 +40,14 @@ log = logging.getLogger("pipeserve")
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.state = ServerState()
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.metrics = ServerMetrics(self.metrics_registry) if settings.metrics else None
-        self.registry = Registry(settings.model_repository, self.metrics)
+        # Strict readiness (Triton's default): ready only while every model is; the registry
+        # says when a model's state changed, so health watches hear of it.
+        self.registry = Registry(
+            settings.model_repository, self.metrics, on_change=lambda: self.state.notify()
+        )
+        self.state = ServerState(self.registry.all_ready if settings.strict_readiness else None)
         self.control = ModelControl(
             self.registry,
             settings.model_repository,
@@ -53,7 +57,9 @@ class App:
         )
         limit = settings.max_message_bytes
         # Every front end below converts its wire format to this one data plane.
-        self.data_plane = DataPlane(self.registry, self.control, self.state, limit)
+        self.data_plane = DataPlane(
+            self.registry, self.control, self.state, limit, server_name=settings.server_name
+        )
         self.server: H2Server | grpc.aio.Server
         if settings.grpc_frontend == "asyncio":
             self.server = H2Server(max_receive=limit, max_send=limit, limits=h2_limits(settings))
@@ -119,7 +125,16 @@ class App:
         )
         await self.control.start()
         self.state.set_ready(True)
-        log.info("pipeserve ready: models %s", self.registry.model_names())
+        ready = self.registry.ready_names()
+        failed = self.registry.failures()
+        # The line scripts wait for: what serves, and apart from it what failed and why.
+        log.log(
+            logging.WARNING if failed else logging.INFO,
+            "pipeserve ready: models %s; failed %s%s",
+            ready,
+            {name: failed[name] for name in sorted(failed)} if failed else "none",
+            "" if self.state.ready else " (not ready: --strict-readiness and a model failed)",
+        )
 
     async def stop(self) -> None:
         if self._stopped.is_set():

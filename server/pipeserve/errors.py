@@ -11,7 +11,8 @@
     ├── UnsupportedError          feature not implemented               -> UNIMPLEMENTED
     ├── ResponseTooLargeError     response over the message size limit  -> RESOURCE_EXHAUSTED
     ├── ModelLoadError            a model folder could not be loaded    -> INTERNAL
-    │   └── ConfigError           config.pbtxt / override is invalid    -> INVALID_ARGUMENT
+    │   ├── ConfigError           config.pbtxt / override is invalid    -> INVALID_ARGUMENT
+    │   └── LoadFailedError       a requested load ran and failed       -> INVALID_ARGUMENT
     └── ExecutionError            the runtime failed on a batch         -> INTERNAL
 
 Each error carries `reason`, the label used by the failure counters (Triton's REJECTED, CANCELED,
@@ -82,6 +83,12 @@ class ModelLoadError(PipeserveError):
 
 class ConfigError(ModelLoadError):
     pass
+
+
+class LoadFailedError(ModelLoadError):
+    """The load of a model folder ran and failed, whatever the cause (Triton answers such a load
+    request INVALID_ARGUMENT "load failed for model '<name>': ..."; a load that cannot start,
+    e.g. no folder, stays a plain ModelLoadError: INTERNAL)."""
 
 
 class ExecutionError(PipeserveError):

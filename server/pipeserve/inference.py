@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeserve.errors import InvalidInputError
-from pipeserve.tensors import numpy_dtype
+from pipeserve.tensors import numpy_dtype, triton_from_numpy
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,8 @@ class TensorSpec:
     dims: tuple[int, ...]
     optional: bool = False
     allow_ragged_batch: bool = False
+    # Outputs: the classification labels from the config's label_filename (index i = line i).
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,16 @@ class ModelSpec:
 
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
+
+    def output_datatype(self, name: str, dtype: np.dtype) -> str:
+        """The datatype an output array goes out as: as declared, except that an object array
+        is BYTES whatever the output declares (a classified output's "value:index:label")."""
+        if dtype == np.object_:
+            return "BYTES"
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec.datatype
+        return triton_from_numpy(dtype)
 
     def validate(self, request: InferRequest) -> None:
         """Check names, datatypes, ranks, dims and batch size; set `request.batch_size`.
@@ -152,6 +164,8 @@ class InferRequest:
     datatypes: Mapping[str, str] = field(default_factory=dict)
     priority: int = 0
     timeout_us: int = 0
+    # Outputs asked for as top-N classes (Triton's classification extension): name -> N.
+    classification: Mapping[str, int] = field(default_factory=dict)
     # Monotonic arrival time; durations and queue deadlines are measured from it.
     arrival_ns: int = field(default_factory=time.monotonic_ns)
     # Set by ModelSpec.validate: the request's own batch dimension (1 for non-batching models).

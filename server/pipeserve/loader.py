@@ -22,6 +22,7 @@ from pipeserve import parameters as table
 from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.factory import batching_policy
 from pipeserve.batching.policy import BatchingPolicy
+from pipeserve.classification import read_labels
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
 from pipeserve.repository.config import (
@@ -70,9 +71,12 @@ class ModelSettings:
         return dataclasses.replace(self.spec, version=version)
 
 
-def read_model_settings(config: ModelConfig) -> ModelSettings:
+def read_model_settings(
+    config: ModelConfig, labels: Mapping[str, tuple[str, ...]] | None = None
+) -> ModelSettings:
     """Validate a completed config's sections and parameters into ModelSettings. Raises
-    ConfigError before any session exists; WARNS about unknown parameter keys."""
+    ConfigError before any session exists; WARNS about unknown parameter keys. `labels`: each
+    output's classification labels (read from its label_filename)."""
     name = config.name
     parameters = string_parameters(config)
     table.validate(parameters)
@@ -89,7 +93,7 @@ def read_model_settings(config: ModelConfig) -> ModelSettings:
         [Accelerator(kind, n, p) for kind, n, p in accelerators(config)],  # type: ignore[arg-type]
         what=f"model '{name}'",
     )
-    spec = model_spec(config, 0)
+    spec = model_spec(config, 0, labels)
     return ModelSettings(
         name=name,
         spec=spec,
@@ -156,7 +160,12 @@ def load_model_folder(
     config = complete_config(given, name, graph)
     validate_config(config, graph)
     versions_to_load = select_versions(config, sorted(found))
-    settings = read_model_settings(config)  # a bad section fails before any session
+    labels = {
+        o.name: read_labels(folder, o.label_filename, o.name)
+        for o in config.output
+        if o.label_filename
+    }
+    settings = read_model_settings(config, labels)  # a bad section fails before any session
     # Built (and checked against the model) once: every version has the same config.
     samples = warmup_samples(config, settings.spec_for(newest), folder)
     loaded: dict[int, LoadedVersion] = {}

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -25,7 +25,7 @@ from pipeserve.batching.base import Scheduler
 from pipeserve.batching.factory import create_scheduler
 from pipeserve.errors import (
     InvalidInputError,
-    ModelLoadError,
+    LoadFailedError,
     ModelNotFoundError,
     ModelNotReadyError,
     PipeserveError,
@@ -37,6 +37,29 @@ from pipeserve.repository.config import ModelConfig
 from pipeserve.statistics import ModelStats, StatsSnapshot
 
 log = logging.getLogger(__name__)
+
+
+# The reason an UNAVAILABLE model gives when it was unloaded on purpose (Triton's word too).
+UNLOADED = "unloaded"
+
+
+def parse_version(version: str) -> int | None:
+    """A request's model version: "" = the newest (None), else a number >= 0. Triton's text for
+    anything else."""
+    if not version:
+        return None
+    try:
+        number = int(version)
+    except ValueError:
+        raise InvalidInputError(
+            f"failed to get model version from specified version string '{version}' "
+            f"(details: not an integer), version should be an integral value > 0"
+        ) from None
+    if number < 0:
+        raise InvalidInputError(
+            f"invalid model version specified '{version}' , version should be an integral value > 0"
+        )
+    return number
 
 
 class ModelState(StrEnum):
@@ -116,35 +139,63 @@ class _Model:
 
 
 class Registry:
-    def __init__(self, repository: Path, metrics: MetricsBinder | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        metrics: MetricsBinder | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_change` is called (on the event loop) after any model changes state: server
+        readiness depends on it (ServerState, strict readiness)."""
         self._repository = repository
         self._metrics = metrics
+        self._on_change = on_change or (lambda: None)
         self._models: dict[str, _Model] = {}
 
     # ---- request path (event loop, synchronous) ---------------------------------------------
 
     def lookup(self, name: str, version: str = "") -> ServedVersion:
+        number = parse_version(version)
         model = self._models.get(name)
         if model is None or not model.versions:
             if model is not None and model.state in (ModelState.LOADING, ModelState.UNLOADING):
                 raise ModelNotReadyError(f"model '{name}' is {model.state.value.lower()}")
             raise ModelNotFoundError.for_model(name, version)
-        if not version:
+        if number is None:
             return model.versions[max(model.versions)]
-        try:
-            served = model.versions.get(int(version))
-        except ValueError:
-            served = None
+        served = model.versions.get(number)
         if served is None:
             raise ModelNotFoundError.for_model(name, version)
         return served
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Raises InvalidInputError for a version that is not a number (Triton does too)."""
+        parse_version(version)
         try:
             self.lookup(name, version)
         except PipeserveError:
             return False
         return self._models[name].state is ModelState.READY
+
+    def all_ready(self) -> bool:
+        """Every model the server was asked to serve is READY (Triton's strict readiness: a model
+        unloaded on purpose does not count, one that failed or is loading does)."""
+        return all(
+            m.state is ModelState.READY
+            or (m.state is ModelState.UNAVAILABLE and m.reason == UNLOADED)
+            for m in self._models.values()
+        )
+
+    def failures(self) -> dict[str, str]:
+        """name -> reason of every model that is UNAVAILABLE for a reason other than unloading."""
+        return {
+            m.name: m.reason
+            for m in self._models.values()
+            if m.state is ModelState.UNAVAILABLE and m.reason != UNLOADED
+        }
+
+    def ready_names(self) -> list[str]:
+        return sorted(m.name for m in self._models.values() if m.state is ModelState.READY)
 
     def model_names(self) -> list[str]:
         return sorted(self._models)
@@ -163,8 +214,10 @@ class Registry:
                 out.append(IndexEntry(name, "", ModelState.UNAVAILABLE, "not loaded"))
                 continue
             if model.versions and model.state is ModelState.READY:
+                # reason: empty, or why the last reload failed while these versions serve on.
                 out.extend(
-                    IndexEntry(name, str(v), ModelState.READY, "") for v in sorted(model.versions)
+                    IndexEntry(name, str(v), ModelState.READY, model.reason)
+                    for v in sorted(model.versions)
                 )
             else:
                 version = str(max(model.versions)) if model.versions else ""
@@ -178,10 +231,12 @@ class Registry:
         name: str,
         override: ModelConfig | None = None,
         files: Mapping[str, bytes] | None = None,
+        failure_level: int = logging.ERROR,
     ) -> None:
         """Load or reload `name` from the repository (or from `files`). A failed reload keeps the
-        versions already serving; a failed first load leaves the model UNAVAILABLE with the reason.
-        Raises ModelLoadError."""
+        versions already serving (its reason shows in the index); a failed first load leaves the
+        model UNAVAILABLE with the reason. A failure is logged at `failure_level` (a load a
+        client asked for is the client's problem: WARNING). Raises LoadFailedError."""
         check_name(name)
         model = self._models.setdefault(name, _Model(name))
         async with model.lock:
@@ -197,6 +252,7 @@ class Registry:
             if not model.versions:
                 model.state = ModelState.LOADING
                 model.reason = ""
+                self._on_change()
             start = time.monotonic()
             try:
                 loaded = await asyncio.to_thread(
@@ -212,15 +268,21 @@ class Registry:
                 if temp_dir is not None:
                     shutil.rmtree(temp_dir, ignore_errors=True)
                 if model.versions:
+                    # Still READY; the reason stays in the index until a load succeeds.
                     model.state = ModelState.READY
-                    log.error(
-                        "reload of model '%s' failed, old version keeps serving: %s", name, reason
+                    model.reason = f"reload failed, version {max(model.versions)} serves: {reason}"
+                    log.log(
+                        failure_level,
+                        "reload of model '%s' failed, old version keeps serving: %s",
+                        name,
+                        reason,
                     )
                 else:
                     model.state = ModelState.UNAVAILABLE
                     model.reason = reason
-                    log.error("failed to load model '%s': %s", name, reason)
-                raise ModelLoadError(f"failed to load '{name}': {reason}") from None
+                    log.log(failure_level, "failed to load model '%s': %s", name, reason)
+                self._on_change()
+                raise LoadFailedError(f"load failed for model '{name}': {reason}") from None
             seconds = time.monotonic() - start
             new_versions = {v: self._serve(name, loaded, v) for v in loaded.versions}
             old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir
@@ -228,6 +290,7 @@ class Registry:
             model.versions = new_versions
             model.config, model.loaded, model.temp_dir = loaded.config, loaded, temp_dir
             model.state, model.reason = ModelState.READY, ""
+            self._on_change()
             for v in new_versions:
                 if self._metrics is not None:
                     self._metrics.observe_load(name, v, seconds)
@@ -238,15 +301,19 @@ class Registry:
         """Stop serving `name`; requests already accepted complete first."""
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError.for_model(name)
+            # Triton answers success: there is nothing to unload.
+            log.info("unload of model '%s': not loaded, nothing to do", name)
+            return
         async with model.lock:
             old_versions, old_loaded, old_temp = model.versions, model.loaded, model.temp_dir
             model.state, model.reason = ModelState.UNLOADING, ""
             model.versions = {}
             model.loaded, model.temp_dir = None, None
+            self._on_change()
             await self._retire(name, old_versions, old_loaded, old_temp, keep=set())
-            model.state, model.reason = ModelState.UNAVAILABLE, "unloaded"
+            model.state, model.reason = ModelState.UNAVAILABLE, UNLOADED
             model.config = None
+            self._on_change()
             log.info("model '%s' unloaded", name)
 
     def forget(self, name: str) -> None:
@@ -254,6 +321,7 @@ class Registry:
         model = self._models.get(name)
         if model is not None and not model.versions and not model.lock.locked():
             del self._models[name]
+            self._on_change()
 
     async def close(self) -> None:
         await asyncio.gather(*(self.unload(n) for n in list(self._models)), return_exceptions=True)

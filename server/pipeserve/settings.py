@@ -182,6 +182,17 @@ class Settings:
     )
     grpc_max_settings_entries: int = option(32, "entries one SETTINGS frame may carry")
 
+    server_name: str = option(
+        "pipeserve",
+        "the name ServerMetadata answers (clients written for Triton may check for 'triton')",
+        metavar="NAME",
+    )
+    strict_readiness: bool = option(
+        True,
+        "server readiness (ServerReady, gRPC health) also needs every model that should be "
+        "loaded to be READY, as in Triton; false: ready once the server is up",
+    )
+
     def __post_init__(self) -> None:
         if not self.model_repository.is_dir():
             raise SettingsError(
@@ -208,6 +219,8 @@ class Settings:
                 "max_message_bytes",
             )
         _check_choice(self, "grpc_frontend")
+        if not self.server_name.strip():
+            raise SettingsError("server-name must not be empty", "server_name")
         if self.http_max_connections < 1:
             raise SettingsError(
                 f"http-max-connections must be >= 1, got {self.http_max_connections}",

@@ -149,6 +149,12 @@ def place_model(
     return repo / name
 
 
+def place_broken(repo: Path, name: str) -> None:
+    """A model folder whose version 1 is not an ONNX model (its load fails at parsing)."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.onnx").write_bytes(b"\x08\x07 not a protobuf \xff\xff")
+
+
 def remove_model(repo: Path, name: str) -> None:
     """Atomic removal: rename away to a hidden name first, then delete."""
     trash = repo / f".trash-{name}"

@@ -203,7 +203,7 @@ def test_errors_have_triton_statuses_and_the_grpc_messages(
     # none mode: load/unload refused as on gRPC.
     err = error_of(client.load_model, "add_sub")
     assert err.message() == error_of(grpc.load_model, "add_sub").message()
-    assert err.status() == "501"
+    assert err.status() == "503"  # UNAVAILABLE, as Triton answers
 
 
 def test_statistics_count_both_protocols(
@@ -305,7 +305,8 @@ def test_repository_load_with_config_and_files(explicit_server: ServerProcess) -
     client.load_model("from_files", config=json.dumps(config), files=files)
     assert _factor(client, "from_files") == 9.0
     err = error_of(client.load_model, "first", config="{ not json")
-    assert err.status() == "400" and "invalid JSON model configuration override" in err.message()
+    # Triton: INTERNAL "failed to load '<m>', failed to poll from model repository" (+ why here).
+    assert err.status() == "500" and "invalid JSON model configuration override" in err.message()
     err = error_of(client.load_model, "no_such_model")
     assert "no model folder 'no_such_model'" in err.message()
     client.unload_model("from_files")

@@ -34,7 +34,13 @@ INSTALL_HINTS = {
 
 # Short measurement windows; stability is not what these tests are about (the machine is shared
 # and noisy), so any three windows count as stable.
-MEASURE = ["--measurement-interval", "300", "--stability-percentage", "1000", "--max-trials", "5"]
+MEASURE = ["--measurement-interval", "300", "--stability-percentage", "1000", "--max-trials", "10"]
+
+# A bug of the 2.41 client, not an answer of the server: its async HTTP worker reads each
+# finished transfer's CURLMsg after curl_easy_cleanup() freed it, so it prints garbage
+# ("received CURLMsg=0", or any number) for a few requests that completed fine. Triton 2.51's own
+# HTTP endpoint gets the same lines from the same perf_analyzer run.
+CLIENT_USE_AFTER_FREE = re.compile(r"^Unexpected error: received CURLMsg=-?\d+$", re.MULTILINE)
 
 
 def _cuda_runtime_lib() -> str | None:
@@ -102,17 +108,13 @@ def run(
     if async_http and done.returncode == -signal.SIGSEGV and server.proc.poll() is None:
         # perf_analyzer 2.41's async HTTP client reads a curl message after it has removed and
         # cleaned up the message's easy handle (which curl says invalidates the message): at
-        # random it crashes on that freed memory, or prints "received CURLMsg=<whatever the
-        # freed memory holds>" for a request that completed normally; it does the same against
-        # Triton's own HTTP endpoint. The client's bug, not the server's: one more run, and the
+        # random it crashes on that freed memory, besides printing the lines that
+        # CLIENT_USE_AFTER_FREE strips. The client's bug, not the server's: one more run, and the
         # server must still be up and every count must still add up.
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
-    checked = output
-    if async_http:
-        checked = re.sub(r"Unexpected error: received CURLMsg=-?\d+", "", output)
-    assert "error" not in checked.lower(), output
+    assert "error" not in CLIENT_USE_AFTER_FREE.sub("", output).lower(), output
     return output
 
 

@@ -29,6 +29,7 @@ from tests.e2e.lifecycle import (
     factor_of,
     fire_slow_requests,
     index_of,
+    place_broken,
     place_model,
     remove_model,
     rpc_error,
@@ -159,14 +160,20 @@ def test_none_mode_loads_every_good_model_at_start(none_server: ServerProcess) -
         assert index[name] and all(state == "READY" for _, state, _ in index[name]), index[name]
         assert client.is_model_ready(name)
     assert factor_of(client, "plain") == 2.0
-    assert client.is_server_ready()
+    # Triton's default strict readiness: the broken folders make the server not ready, while
+    # every good model serves (tests/e2e/test_triton_parity.py covers both settings).
+    assert not client.is_server_ready()
 
 
 def test_none_mode_refuses_load_and_unload(none_server: ServerProcess) -> None:
     client = client_for(none_server)
     for call in (client.load_model, client.unload_model):
         err = rpc_error(call, "plain")
-        assert "not allowed in model control mode 'none'" in err.message()
+        assert err.status() == "StatusCode.UNAVAILABLE"
+        assert err.message().startswith(
+            "explicit model load / unload is not allowed if polling is enabled"
+        )
+        assert "model control mode 'none'" in err.message()
         assert "--model-control-mode explicit" in err.message()
     # The refused unload changed nothing.
     assert client.is_model_ready("plain")
@@ -280,7 +287,8 @@ def test_bad_model_folder_is_unavailable_with_its_reason(
     assert reason in got, got
     assert not client.is_model_ready(name)
     err = rpc_error(scale_infer, client, name)
-    assert err.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE"), err
+    # A model whose only load failed has no version to serve: unknown, as Triton answers.
+    assert err.status() == "StatusCode.NOT_FOUND", err
     # ... and the rest of the server is unharmed.
     assert factor_of(client, "plain") == 2.0
 
@@ -297,8 +305,7 @@ def explicit_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     place_model(repo, "overridden", {1: om.scale(6.0)})
     place_model(repo, "changing", {1: om.scale(2.0)})
     place_model(repo, "slow", {1: slow_model()}, SLOW_CONFIG)
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x07 not a protobuf \xff\xff")
+    place_broken(repo, "broken")
     return repo
 
 
@@ -364,7 +371,7 @@ def test_explicit_override_that_fails_keeps_the_old_version(explicit_server: Ser
     )
     assert "has dims [7] in config but the ONNX model declares [4]" in err.message()
     err = rpc_error(client.load_model, "first", config="{ not json")
-    assert err.status() == "StatusCode.INVALID_ARGUMENT"
+    assert err.status() == "StatusCode.INTERNAL"  # Triton's status for a load that never started
     assert "invalid JSON model configuration override" in err.message()
     assert client.is_model_ready("first")
     assert factor_of(client, "first") == 2.0
@@ -424,12 +431,17 @@ def test_explicit_load_of_a_broken_model_fails_with_the_reason(
 ) -> None:
     client = client_for(explicit_server)
     err = rpc_error(client.load_model, "broken")
-    assert "failed to load 'broken'" in err.message()
+    assert err.status() == "StatusCode.INVALID_ARGUMENT"  # Triton's status for a failed load
+    assert err.message().startswith("load failed for model 'broken': ")
     assert "failed to parse ONNX model" in err.message()
     [(_, state, reason)] = index_of(client)["broken"]
     assert state == "UNAVAILABLE"
     assert "failed to parse ONNX model" in reason
-    assert client.is_server_ready()
+    # Strict readiness: a model that failed is one that should be loaded and is not...
+    assert not client.is_server_ready()
+    # ...until it is unloaded on purpose.
+    client.unload_model("broken")
+    assert index_of(client)["broken"] == [("", "UNAVAILABLE", "unloaded")]
 
 
 def test_explicit_reload_of_a_changed_model_never_fails_a_request(
@@ -512,7 +524,8 @@ def saw_log(server: ServerProcess, text: str) -> Callable[[], bool]:
 
 def test_poll_mode_refuses_explicit_load(poll_server: ServerProcess) -> None:
     err = rpc_error(client_for(poll_server).load_model, "steady")
-    assert "not allowed in model control mode 'poll'" in err.message()
+    assert err.status() == "StatusCode.UNAVAILABLE"
+    assert "model control mode 'poll'" in err.message()
 
 
 def test_poll_loads_a_new_model_folder(poll_server: ServerProcess, poll_repo: Path) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipeserve.errors import ModelLoadError, ModelNotFoundError
+from pipeserve.errors import InvalidInputError, ModelLoadError, ModelNotFoundError
 from pipeserve.inference import InferRequest
 from pipeserve.registry import ModelState, Registry
 from tests import onnx_models as om
@@ -62,7 +62,7 @@ def test_failed_reload_keeps_old_version(tmp_path):
         registry = Registry(tmp_path)
         await registry.load("scale")
         (tmp_path / "scale" / "1" / "model.onnx").write_bytes(b"corrupt")
-        with pytest.raises(ModelLoadError, match="failed to load 'scale'"):
+        with pytest.raises(ModelLoadError, match="load failed for model 'scale'"):
             await registry.load("scale")
         assert (await _infer(registry, np.ones((1, 4), np.float32)))[0, 0] == 2.0
         assert registry.index()[0].state is ModelState.READY
@@ -168,6 +168,33 @@ def test_pipeline_stages_record_into_the_recorder_bound_before_the_runner(tmp_pa
         with pytest.raises(ModelLoadError):
             await registry.load("bad")
         assert metrics.bound() == [("piped", 1)]
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_readiness_follows_every_model_and_each_change_is_told(tmp_path):
+    om.write_model(tmp_path, "good", om.scale(2.0))
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "model.onnx").write_bytes(b"corrupt")
+    changes: list[bool] = []
+
+    async def scenario() -> None:
+        registry = Registry(tmp_path, on_change=lambda: changes.append(registry.all_ready()))
+        await registry.load("good")
+        assert registry.all_ready() and changes == [False, True]  # LOADING, then READY
+        with pytest.raises(ModelLoadError):
+            await registry.load("bad")
+        assert not registry.all_ready()
+        assert set(registry.failures()) == {"bad"}
+        assert registry.ready_names() == ["good"]
+        await registry.unload("bad")  # unloaded on purpose: no longer expected to serve
+        assert registry.all_ready() and registry.failures() == {}
+        await registry.unload("never_loaded")  # nothing to do, as in Triton
+        with pytest.raises(InvalidInputError, match="version string 'latest'"):
+            registry.is_ready("good", "latest")
+        with pytest.raises(InvalidInputError, match="invalid model version specified '-1'"):
+            registry.lookup("good", "-1")
         await registry.close()
 
     asyncio.run(scenario())

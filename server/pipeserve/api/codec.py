@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 
 from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.classification import PARAMETER as CLASSIFICATION
+from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
-    triton_from_numpy,
     utf8_element,
 )
 
@@ -51,6 +52,15 @@ def parameter_value(param: pb.InferParameter) -> Any:
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     params = {key: parameter_value(value) for key, value in msg.parameters.items()}
     raw = msg.raw_input_contents
+    if raw:
+        # Before the count check, so the answer names the input (Triton's words).
+        for tensor in msg.inputs:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"contents field must not be specified when using raw_input_contents for "
+                    f"'{tensor.name}' for model '{msg.model_name}': send every input in "
+                    f"raw_input_contents or every input in contents"
+                )
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInputError(
             f"expected {len(msg.inputs)} raw_input_contents (one per input), got {len(raw)}"
@@ -69,13 +79,12 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         datatypes[tensor.name] = tensor.datatype
         inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
     requested = []
+    classification: dict[str, int] = {}
     for out in msg.outputs:
-        if "classification" in out.parameters:
-            raise InvalidInputError(
-                f"output '{out.name}': the classification extension is not supported"
-            )
         if any(key in out.parameters for key in _UNSUPPORTED_TENSOR_PARAMS):
             raise UnsupportedError(f"output '{out.name}': shared memory is not supported")
+        if CLASSIFICATION in out.parameters:
+            classification[out.name] = class_count(parameter_value(out.parameters[CLASSIFICATION]))
         requested.append(out.name)
     return InferRequest(
         model_name=msg.model_name,
@@ -87,6 +96,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         datatypes=datatypes,
         priority=_int_param(params, "priority"),
         timeout_us=_int_param(params, "timeout"),
+        classification=classification,
     )
 
 
@@ -112,12 +122,7 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input '{name}' has shape {list(shape)}: dimensions must be >= 0")
     count = math.prod(shape)
-    has_contents = tensor.HasField("contents")
-    if raw is not None:
-        if has_contents and _contents_len(tensor.contents) > 0:
-            raise InvalidInputError(
-                f"input '{name}' carries both raw_input_contents and typed contents; send one"
-            )
+    if raw is not None:  # decode_request refused typed contents next to raw ones
         # A read-only view on the request's buffer for fixed-size datatypes: no copy.
         return array_from_raw(name, datatype, shape, raw)
     field = _CONTENTS_FIELD.get(datatype)
@@ -147,19 +152,14 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
         ) from None
 
 
-def _contents_len(contents: pb.InferTensorContents) -> int:
-    return sum(len(getattr(contents, f)) for f in set(_CONTENTS_FIELD.values()))
-
-
 def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
         id=response.request_id,
     )
-    declared = {o.name: o.datatype for o in spec.outputs}
     for name, array in response.outputs.items():
-        datatype = declared.get(name) or triton_from_numpy(array.dtype)
+        datatype = spec.output_datatype(name, array.dtype)
         out = msg.outputs.add()
         out.name = name
         out.datatype = datatype

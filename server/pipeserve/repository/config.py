@@ -9,6 +9,7 @@ grpc.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
@@ -181,7 +182,12 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
         raise ConfigError(f"model '{name}': dynamic_batching needs max_batch_size > 0 (it is 0)")
 
 
-def model_spec(config: ModelConfig, version: int) -> ModelSpec:
+def model_spec(
+    config: ModelConfig, version: int, labels: Mapping[str, tuple[str, ...]] | None = None
+) -> ModelSpec:
+    """`labels`: each output's classification labels (read from its label_filename)."""
+    labels = labels or {}
+
     def tensor(t, optional: bool = False, ragged: bool = False) -> TensorSpec:  # type: ignore[no-untyped-def]
         return TensorSpec(
             name=t.name,
@@ -189,6 +195,7 @@ def model_spec(config: ModelConfig, version: int) -> ModelSpec:
             dims=tuple(t.dims),
             optional=optional,
             allow_ragged_batch=ragged,
+            labels=labels.get(t.name, ()),
         )
 
     return ModelSpec(

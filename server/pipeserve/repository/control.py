@@ -15,13 +15,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeserve.errors import ModelLoadError, UnsupportedError
+from pipeserve.errors import ModelLoadError, UnavailableError
 from pipeserve.registry import IndexEntry, ModelState, Registry
 from pipeserve.repository.config import ModelConfig
 from pipeserve.repository.scan import ModelFolder, scan_repository
 from pipeserve.settings import CONTROL_MODES
 
 log = logging.getLogger(__name__)
+
+# Triton's words when a load could not even start (no folder, a malformed `config` override).
+NOT_POLLED = "failed to poll from model repository"
 
 
 class ModelControl:
@@ -72,17 +75,19 @@ class ModelControl:
         override: ModelConfig | None = None,
         files: Mapping[str, bytes] | None = None,
     ) -> None:
-        """RepositoryModelLoad (explicit mode only)."""
-        self._require_explicit("load")
-        if override is None and not files and not (self._repository / name).is_dir():
-            raise ModelLoadError(
-                f"failed to load '{name}': no model folder '{name}' in the model repository"
-            )
-        await self._registry.load(name, override, files)
+        """RepositoryModelLoad (explicit mode only). A failure is the client's: logged at
+        WARNING with the reason, answered with it."""
+        self.require_explicit()
+        if not files and not (self._repository / name).is_dir():
+            reason = f"no model folder '{name}' in the model repository"
+            log.warning("failed to poll model '%s': %s", name, reason)
+            raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {reason}")
+        await self._registry.load(name, override, files, failure_level=logging.WARNING)
 
     async def unload(self, name: str) -> None:
-        """RepositoryModelUnload (explicit mode only)."""
-        self._require_explicit("unload")
+        """RepositoryModelUnload (explicit mode only). Unloading a model that is not loaded
+        succeeds, as in Triton."""
+        self.require_explicit()
         await self._registry.unload(name)
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
@@ -92,11 +97,14 @@ class ModelControl:
             entries = [e for e in entries if e.state is ModelState.READY]
         return entries
 
-    def _require_explicit(self, what: str) -> None:
+    def require_explicit(self) -> None:
+        """Raise UnavailableError unless load/unload requests are allowed (explicit mode)."""
         if self._mode != "explicit":
-            raise UnsupportedError(
-                f"explicit model {what} is not allowed in model control mode '{self._mode}'; "
-                f"start the server with --model-control-mode explicit"
+            # Triton's status and words (it says "polling" for its mode none as well).
+            raise UnavailableError(
+                f"explicit model load / unload is not allowed if polling is enabled: the server "
+                f"runs in model control mode '{self._mode}'; start it with "
+                f"--model-control-mode explicit"
             )
 
     async def _load_folder(self, name: str, folder: ModelFolder | None) -> None:

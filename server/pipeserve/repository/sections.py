@@ -51,6 +51,7 @@ HONOURED: _Table = {
         "name": None,
         "data_type": None,
         "dims": None,
+        "label_filename": None,  # the classification extension (pipeserve/classification.py)
     },
     "dynamic_batching": None,
     "instance_group": {"name": None, "kind": None, "count": None, "gpus": None},

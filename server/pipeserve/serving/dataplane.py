@@ -13,23 +13,31 @@ reload can slip in between the lookup and the submit (see registry.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from pipeserve import __version__
+from pipeserve.classification import check_requested, classify
 from pipeserve.errors import (
     ConfigError,
     InvalidInputError,
+    ModelLoadError,
     ModelNotFoundError,
+    PipeserveError,
     ResponseTooLargeError,
     UnsupportedError,
 )
 from pipeserve.inference import InferRequest, InferResponse
 from pipeserve.registry import IndexEntry, Registry, ServedVersion
 from pipeserve.repository.config import ModelConfig, parse_config_json
-from pipeserve.repository.control import ModelControl
+from pipeserve.repository.control import NOT_POLLED, ModelControl
 from pipeserve.serving.state import ServerState
 from pipeserve.statistics import StatsSnapshot
+
+log = logging.getLogger(__name__)
 
 # Only what is really implemented: perf_analyzer asks for statistics because it is listed.
 EXTENSIONS = (
@@ -38,6 +46,7 @@ EXTENSIONS = (
     "statistics",
     "binary_tensor_data",
     "parameters",
+    "classification",
 )
 
 # A load parameter's value, as the protocols carry it (gRPC's ModelRepositoryParameter oneof;
@@ -73,6 +82,27 @@ class VersionStatistics:
     name: str
     version: str
     stats: StatsSnapshot
+
+
+def _load_parameters(
+    parameters: Mapping[str, LoadParameter | None],
+) -> tuple[ModelConfig | None, dict[str, bytes]]:
+    override = None
+    files: dict[str, bytes] = {}
+    for key, value in parameters.items():
+        if key == "config":
+            if not isinstance(value, str):
+                raise ConfigError("load parameter 'config' must be a string (JSON)")
+            override = parse_config_json(value)
+        elif key.startswith("file:"):
+            if not isinstance(value, bytes):
+                raise InvalidInputError(f"load parameter '{key}' must carry bytes")
+            files[key.removeprefix("file:")] = value
+        else:
+            raise InvalidInputError(
+                f"unknown load parameter '{key}', expected 'config' or 'file:<path>'"
+            )
+    return override, files
 
 
 class DataPlane:
@@ -145,13 +175,32 @@ class DataPlane:
     async def infer(self, served: ServedVersion, request: InferRequest) -> InferResponse:
         """Validate and queue `request` on `served` (synchronously: call it right after `lookup`,
         with no await between), then wait for its outputs."""
+        if request.classification:
+            declared = {o.name: o.datatype for o in served.spec.outputs}
+            check_requested(request.classification, declared, served.name)
         outputs = await served.submit(request)
+        if request.classification:
+            outputs = self._classified(served, request.classification, outputs)
         return InferResponse(
             model_name=served.name,
             model_version=str(served.version),
             request_id=request.request_id,
             outputs=outputs,
         )
+
+    @staticmethod
+    def _classified(
+        served: ServedVersion, classification: Mapping[str, int], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Replace each output asked for as classes by its top-N "value:index:label" strings."""
+        labels = {o.name: o.labels for o in served.spec.outputs}
+        batching = served.spec.batching
+        return {
+            name: classify(array, classification[name], labels.get(name, ()), batching)
+            if name in classification
+            else array
+            for name, array in outputs.items()
+        }
 
     def check_response_size(self, served: ServedVersion, nbytes: int) -> None:
         """The server's one response-size policy (--max-message-bytes), for every protocol:
@@ -172,22 +221,18 @@ class DataPlane:
     ) -> None:
         """Load or reload `name` (explicit mode). `parameters`: `config` (a JSON ModelConfig
         that replaces the folder's config.pbtxt) and `file:<path>` (bytes of a file laid out in
-        the model folder; needs `config`)."""
-        override = None
-        files: dict[str, bytes] = {}
-        for key, value in (parameters or {}).items():
-            if key == "config":
-                if not isinstance(value, str):
-                    raise ConfigError("load parameter 'config' must be a string (JSON)")
-                override = parse_config_json(value)
-            elif key.startswith("file:"):
-                if not isinstance(value, bytes):
-                    raise InvalidInputError(f"load parameter '{key}' must carry bytes")
-                files[key.removeprefix("file:")] = value
-            else:
-                raise InvalidInputError(
-                    f"unknown load parameter '{key}', expected 'config' or 'file:<path>'"
-                )
+        the model folder; needs `config`).
+
+        As in Triton, the control mode is checked first, and parameters that cannot be used
+        (a malformed `config`, an unknown key) fail the load before it starts: INTERNAL
+        "failed to load '<name>', failed to poll from model repository", here followed by the
+        reason, which is logged at WARNING too."""
+        self._control.require_explicit()
+        try:
+            override, files = _load_parameters(parameters or {})
+        except PipeserveError as exc:
+            log.warning("failed to load model '%s': refused load parameters: %s", name, exc)
+            raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {exc.message}") from None
         await self._control.load(name, override, files)
 
     async def unload(self, name: str) -> None:

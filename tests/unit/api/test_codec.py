@@ -107,11 +107,19 @@ def test_unknown_datatype_and_negative_dims():
         decode_request(_request(("x", "FP32", [-1]), raw=[b""]))
 
 
-def test_classification_and_shared_memory_are_refused():
+def test_classification_is_decoded_and_its_count_checked():
     msg = _request(("x", "FP32", [1]), raw=[b"\0" * 4])
     msg.outputs.add(name="y").parameters["classification"].int64_param = 3
-    with pytest.raises(InvalidInputError, match="classification"):
+    assert decode_request(msg).classification == {"y": 3}
+    msg.outputs[0].parameters["classification"].int64_param = 0
+    with pytest.raises(InvalidInputError, match="invalid value for 'classification' parameter"):
         decode_request(msg)
+    msg.outputs[0].parameters["classification"].string_param = "3"
+    with pytest.raises(InvalidInputError, match="expected int64_param"):
+        decode_request(msg)
+
+
+def test_shared_memory_is_refused():
     msg = _request(("x", "FP32", [1]))
     msg.inputs[0].parameters["shared_memory_region"].string_param = "r"
     with pytest.raises(UnsupportedError, match="shared memory"):

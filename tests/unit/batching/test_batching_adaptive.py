@@ -6,8 +6,8 @@ import pytest
 
 from pipeserve.batching.adaptive import AdaptiveDelay, _fit_affine
 from pipeserve.batching.forming import decide
-from tests.unit.batching_fakes import Harness, request, run
 from tests.unit.batching.test_batching_forming import entries
+from tests.unit.batching_fakes import Harness, request, run
 
 US = 1_000
 MS = 1_000_000

@@ -49,6 +49,18 @@ def test_serve_defaults_follow_triton() -> None:
     assert args.grpc_frontend == "asyncio"
 
 
+def test_server_name_and_strict_readiness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    args = parse_serve()
+    assert (args.server_name, args.strict_readiness) == ("pipeserve", True)  # Triton: strict
+    args = parse_serve("--server-name", "triton", "--strict-readiness", "false")
+    assert (args.server_name, args.strict_readiness) == ("triton", False)
+    assert parse_serve("--strict-readiness").strict_readiness is True
+    monkeypatch.setenv("PIPESERVE_STRICT_READINESS", "0")
+    assert parse_serve().strict_readiness is False
+    with pytest.raises(SettingsError, match="server-name must not be empty"):
+        Settings(model_repository=tmp_path, server_name=" ")
+
+
 def test_every_serve_flag_is_parsed(tmp_path: Path) -> None:
     args = parse_serve(
         "--model-repository", str(tmp_path),

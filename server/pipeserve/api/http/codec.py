@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pipeserve.classification import PARAMETER as CLASSIFICATION
+from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
@@ -30,7 +32,6 @@ from pipeserve.tensors import (
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
-    triton_from_numpy,
 )
 
 INFER_HEADER = b"inference-header-content-length"
@@ -189,7 +190,7 @@ def decode_infer(
             f"bytes after the last binary input section"
         )
 
-    requested, binary = _outputs(doc.get("outputs"))
+    requested, binary, classification = _outputs(doc.get("outputs"))
     return (
         InferRequest(
             model_name=model_name,
@@ -201,35 +202,36 @@ def decode_infer(
             datatypes=datatypes,
             priority=int(params.get("priority", 0)),
             timeout_us=int(params.get("timeout", 0)),
+            classification=classification,
         ),
         OutputChoice(default_binary=default_binary, binary=binary),
     )
 
 
-def _outputs(raw_outputs: Any) -> tuple[tuple[str, ...], dict[str, bool]]:
+def _outputs(raw_outputs: Any) -> tuple[tuple[str, ...], dict[str, bool], dict[str, int]]:
+    """(requested names, binary_data choices, classification counts) of the `outputs` array."""
     if raw_outputs is None:
-        return (), {}
+        return (), {}, {}
     if not isinstance(raw_outputs, list):
         raise InvalidInputError(
             f"'outputs' must be a JSON array of requested outputs, got {_json_type(raw_outputs)}"
         )
     names: list[str] = []
     binary: dict[str, bool] = {}
+    classification: dict[str, int] = {}
     for i, out in enumerate(raw_outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInputError(f"outputs[{i}] must be a JSON object with a 'name' string")
         name = out["name"]
         params = _object(out.get("parameters"), f"output '{name}' 'parameters'")
-        if "classification" in params:
-            raise InvalidInputError(
-                f"output '{name}': the classification extension is not supported"
-            )
         if any(key in params for key in _SHARED_MEMORY_PARAMS):
             raise UnsupportedError(f"output '{name}': shared memory is not supported")
+        if CLASSIFICATION in params:  # applied by the DataPlane, as for gRPC
+            classification[name] = class_count(params[CLASSIFICATION])
         if "binary_data" in params:
             binary[name] = _bool(params["binary_data"], f"output '{name}' 'binary_data'")
         names.append(name)
-    return tuple(names), binary
+    return tuple(names), binary, classification
 
 
 def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -292,11 +294,10 @@ def _kind(array: np.ndarray) -> str:
 
 
 def encode_infer(response: InferResponse, spec: ModelSpec, choice: OutputChoice) -> EncodedResponse:
-    declared = {o.name: o.datatype for o in spec.outputs}
     outputs: list[dict[str, Any]] = []
     sections: list[bytes | memoryview] = []
     for name, array in response.outputs.items():
-        datatype = declared.get(name) or triton_from_numpy(array.dtype)
+        datatype = spec.output_datatype(name, array.dtype)
         out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if choice.is_binary(name):
             raw = _raw(array, datatype)
