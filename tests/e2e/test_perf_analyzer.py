@@ -17,6 +17,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +103,15 @@ def run(
     binary, env = perf_analyzer
     url = server.url if protocol == "grpc" else server.http_url
     cmd = [binary, "-m", model, "-i", protocol, "-u", url, *MEASURE, *args]
+    async_http = protocol == "http" and "--async" in args
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if async_http and done.returncode == -signal.SIGSEGV and server.proc.poll() is None:
+        # perf_analyzer 2.41's async HTTP client reads a curl message after it has removed and
+        # cleaned up the message's easy handle (which curl says invalidates the message): at
+        # random it crashes on that freed memory, besides printing the lines that
+        # CLIENT_USE_AFTER_FREE strips. The client's bug, not the server's: one more run, and the
+        # server must still be up and every count must still add up.
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)}\n{output}\n--- server ---\n{server.output()}"
     assert "error" not in CLIENT_USE_AFTER_FREE.sub("", output).lower(), output

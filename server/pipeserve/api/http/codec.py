@@ -144,7 +144,14 @@ def decode_infer(
             raise InvalidInputError(f"input '{name}' needs a 'datatype' string")
         numpy_dtype(datatype)  # an unknown name fails here, naming the known ones
         shape = _shape(raw.get("shape"), name)
-        tensor_params = _object(raw.get("parameters"), f"input '{name}' 'parameters'")
+        tensor_params = raw.get("parameters")
+        if tensor_params is None:
+            tensor_params = {}
+        elif not isinstance(tensor_params, dict):
+            raise InvalidInputError(
+                f"input '{name}' 'parameters' must be a JSON object, "
+                f"got {_json_type(tensor_params)}"
+            )
         if any(key in tensor_params for key in _SHARED_MEMORY_PARAMS):
             raise UnsupportedError(
                 f"input '{name}': shared memory is not supported by pipeserve; send the tensor in "

@@ -93,22 +93,32 @@ class _BoundedProtocol(HttpToolsProtocol):
     _header_bytes = 0
     _headers_too_large = False
     _header_timer: asyncio.TimerHandle | None = None
+    _in_head = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = _CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(coalescing)  # type: ignore[arg-type]
-        self._arm_header_timer()
+        self._in_head = False
+        self._arm_header_timer()  # a connection that never sends anything
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Armed only when a request head is still incomplete after the bytes at hand: the common
+        # case (a whole head in one read) costs no timer.
+        if self._in_head:
+            self._arm_header_timer()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        self._arm_header_timer()
+        self._in_head = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._cancel_header_timer()
         super().on_headers_complete()
 

@@ -89,11 +89,12 @@ _CUDA_SHM = r"/v2/cudasharedmemory(?:/region/[^/]+)?"
 _TRACE = "unsupported_trace"
 
 # Matched in order, like Triton's Handle(): /v2/models/stats before a model named "stats".
+# /infer first: it is the hot path, and no other pattern matches a path ending in /infer.
 ROUTES: tuple[Route, ...] = (
+    _route(_MODEL + r"/infer", POST="infer"),
     _route(r"/v2/models/stats", GET="statistics"),
     _route(r"/v2/logging", GET="unsupported_logging", POST="unsupported_logging"),
     _route(_MODEL + r"/ready", GET="model_ready"),
-    _route(_MODEL + r"/infer", POST="infer"),
     _route(_MODEL + r"/config", GET="model_config"),
     _route(_MODEL + r"/stats", GET="statistics"),
     _route(r"/v2/models/(?P<name>[^/]+)/trace/setting", GET=_TRACE, POST=_TRACE),
