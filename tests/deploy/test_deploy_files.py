@@ -250,9 +250,10 @@ def test_serve_commands_use_only_flags_that_serve_help_lists() -> None:
 
 def test_serve_commands_agree_with_each_other_and_with_cli_defaults() -> None:
     defaults = parse(["serve"], "no flags")
-    assert (defaults.grpc_port, defaults.metrics_port) == (8001, 8002)
+    assert (defaults.http_port, defaults.grpc_port, defaults.metrics_port) == (8000, 8001, 8002)
     for where, argv in serve_commands().items():
         args = parse(argv, where)
+        assert args.http_port == defaults.http_port, where
         assert args.grpc_port == defaults.grpc_port, where
         assert args.metrics_port == defaults.metrics_port, where
         assert args.exit_timeout_secs == defaults.exit_timeout_secs, where
@@ -307,7 +308,7 @@ def test_image_runs_as_non_root_with_models_and_ports(name: str) -> None:
     args = parse(image.cmd, name)
     assert str(args.model_repository) == IMAGE_MODEL_DIR
     exposed = {p.split("/")[0] for v in image.final("EXPOSE") for p in v.split()}
-    assert exposed == {str(args.grpc_port), str(args.metrics_port)}
+    assert exposed == {str(args.http_port), str(args.grpc_port), str(args.metrics_port)}
     assert image.only("STOPSIGNAL") == "SIGTERM", "the server drains on SIGTERM"
     for base in image.every("ARG"):
         if "_IMAGE=" in base.value:
@@ -563,7 +564,7 @@ def test_compose_ports_mounts_and_grace_match_the_server() -> None:
     pipeserve = service("pipeserve")
     args = parse(pipeserve["command"], "compose.yaml")
     published = {int(p.split(":")[-1]) for p in pipeserve["ports"]}
-    assert published == {args.grpc_port, args.metrics_port}
+    assert published == {args.http_port, args.grpc_port, args.metrics_port}
     (models,) = pipeserve["volumes"]
     source, target, mode = models.split(":")
     assert (DOCKER / source).resolve() == REPO / "models" and (REPO / "models").is_dir()
@@ -765,7 +766,7 @@ def test_deployment_ports_and_probes_use_the_grpc_health_service() -> None:
     container = deployment_container()
     args = parse(container["args"], "deployment.yaml")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": args.grpc_port, "metrics": args.metrics_port}
+    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]
         assert not {"exec", "httpGet", "tcpSocket"} & set(probe), f"{kind}: use the grpc probe"
