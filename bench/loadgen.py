@@ -67,10 +67,12 @@ def run_perf_analyzer(
     mode: str = "async",
     streaming: bool = False,
     protocol: str = "grpc",
+    extra: tuple[str, ...] = (),
 ) -> Load:
     """`mode`: "async" (perf_analyzer --async) or "sync" (its default: one thread per request
     in flight); `streaming`: ModelStreamInfer instead of unary calls; `protocol`: "grpc" or
-    "http" (KServe v2 REST with binary tensors; `url` is then the HTTP endpoint)."""
+    "http" (KServe v2 REST with binary tensors; `url` is then the HTTP endpoint); `extra`: more
+    perf_analyzer arguments (e.g. its --ssl-grpc-* options)."""
     found = _perf_analyzer()
     if found is None:
         raise RuntimeError("perf_analyzer does not run here")
@@ -101,6 +103,7 @@ def run_perf_analyzer(
             shape,
             "-f",
             str(report),
+            *extra,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if done.returncode != 0 or not report.exists():

@@ -25,6 +25,7 @@ from pipeserve.batching.policy import BatchingPolicy
 from pipeserve.classification import read_labels
 from pipeserve.errors import ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
+from pipeserve.progress import LoadProgress
 from pipeserve.repository.config import (
     ModelConfig,
     accelerators,
@@ -154,12 +155,12 @@ def load_model_folder(
             f"'{folder}'"
         )
     # Triton completes one config per model, from the newest version's graph.
-    selected_by_raw_policy = select_versions(given, sorted(found))
+    selected_by_raw_policy = select_versions(given, sorted(found), name)
     newest = max(selected_by_raw_policy)
     graph = read_graph_io(found[newest])
     config = complete_config(given, name, graph)
     validate_config(config, graph)
-    versions_to_load = select_versions(config, sorted(found))
+    versions_to_load = select_versions(config, sorted(found), name)
     labels = {
         o.name: read_labels(folder, o.label_filename, o.name)
         for o in config.output
@@ -176,6 +177,8 @@ def load_model_folder(
                 validate_config(config, read_graph_io(path))
             start = time.monotonic()
             spec = settings.spec_for(version)
+            progress = LoadProgress(name, version, log)
+            progress.announce(_model_bytes(model_file(path)))
             runner: ModelRunner
             stage_devices: tuple[str, ...] = ()
             if settings.pipeline is not None:
@@ -183,11 +186,16 @@ def load_model_folder(
                 # micro-batch on (warm-up included: those ran on the stages too).
                 sink = stage_sink_for(version) if stage_sink_for is not None else None
                 pipeline = pipeline_runner(
-                    model_file(path), settings.pipeline, spec, on_stage=sink, settings=settings.ort
+                    model_file(path),
+                    settings.pipeline,
+                    spec,
+                    on_stage=sink,
+                    settings=settings.ort,
+                    progress=progress,
                 )
                 runner, stage_devices = pipeline, tuple(pipeline.devices)
             else:
-                runner = create_instances(model_file(path), settings.instances, name)
+                runner = create_instances(model_file(path), settings.instances, name, progress)
             try:
                 run_warmup(runner, samples, spec.output_names(), name)  # before READY
             except BaseException:
@@ -201,6 +209,11 @@ def load_model_folder(
             v.runner.close()
         raise
     return LoadedModel(settings, loaded)
+
+
+def _model_bytes(graph: Path) -> int:
+    """Bytes of the files beside the graph (itself, external weights, a pack's weights.bin)."""
+    return sum(p.stat().st_size for p in graph.parent.iterdir() if p.is_file())
 
 
 def check_name(name: str) -> None:

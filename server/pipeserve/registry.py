@@ -261,7 +261,7 @@ class Registry:
             except Exception as exc:  # whatever failed, the model must not stay LOADING
                 self._unbind_unserved(name, model)
                 if isinstance(exc, PipeserveError):
-                    reason = exc.message
+                    reason = _without_model_prefix(name, exc.message)
                 else:
                     reason = f"unexpected error: {exc!r}"
                     log.exception("unexpected error while loading model '%s'", name)
@@ -390,3 +390,10 @@ def _write_files(name: str, files: Mapping[str, bytes]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
     return root
+
+
+def _without_model_prefix(name: str, reason: str) -> str:
+    """Errors from config checks start with "model '<name>': " so they read alone; every line
+    the registry makes of them (log, index reason, load error) names the model already."""
+    prefix = f"model '{name}': "
+    return reason.removeprefix(prefix)

@@ -6,7 +6,8 @@ these fields (cli/serve.py), so a new setting is one field here plus its check i
 `__post_init__`. Flags win over PIPESERVE_* variables, which win over the defaults; a bad value
 fails before anything is served, naming the flag or the variable it came from.
 
-A leaf module: it imports nothing of pipeserve's and nothing heavy.
+A leaf module: it imports nothing heavy, and of pipeserve's only the leaf that parses
+restriction rules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from pipeserve.restrictions import GROUPS as RESTRICTION_GROUPS
+from pipeserve.restrictions import (
+    GRPC_HEADER_PREFIX,
+    RestrictionError,
+    Restrictions,
+    parse_restrictions,
+)
 
 # gRPC's own ceiling for one message (clients allow up to 2 GiB).
 MAX_MESSAGE_LIMIT = 2**31 - 1
@@ -181,6 +190,75 @@ class Settings:
         "a second",
     )
     grpc_max_settings_entries: int = option(32, "entries one SETTINGS frame may carry")
+    # TLS (api/tls.py): the files are read and checked when the server is built; SIGHUP
+    # rereads them.
+    grpc_tls_cert: Path | None = option(
+        None,
+        "serve gRPC over TLS with this PEM certificate chain (needs --grpc-tls-key)",
+        metavar="FILE",
+    )
+    grpc_tls_key: Path | None = option(None, "PEM private key of --grpc-tls-cert", metavar="FILE")
+    grpc_tls_client_ca: Path | None = option(
+        None,
+        "mutual TLS: require a client certificate signed by a CA in this PEM file",
+        metavar="FILE",
+    )
+    metrics_tls_cert: Path | None = option(
+        None,
+        "serve /metrics over https with this PEM certificate chain (needs --metrics-tls-key)",
+        metavar="FILE",
+    )
+    metrics_tls_key: Path | None = option(
+        None, "PEM private key of --metrics-tls-cert", metavar="FILE"
+    )
+    metrics_tls_client_ca: Path | None = option(
+        None,
+        "mutual TLS on /metrics: require a client certificate signed by a CA in this file",
+        metavar="FILE",
+    )
+    http_tls_cert: Path | None = option(
+        None,
+        "serve HTTP/REST over https with this PEM certificate chain (needs --http-tls-key)",
+        metavar="FILE",
+    )
+    http_tls_key: Path | None = option(None, "PEM private key of --http-tls-cert", metavar="FILE")
+    http_tls_client_ca: Path | None = option(
+        None,
+        "mutual TLS on HTTP/REST: require a client certificate signed by a CA in this file",
+        metavar="FILE",
+    )
+    # Restricted protocol groups (pipeserve/restrictions.py), Triton's flag syntax.
+    grpc_restricted_protocol: tuple[str, ...] = option(
+        (),
+        "RPC groups that require a header: '<group>[,<group>...]:<key>=<value>' makes them "
+        "answer only calls with the header 'triton-grpc-protocol-<key>: <value>' "
+        f"(groups: {', '.join(RESTRICTION_GROUPS)}; repeat for more rules)",
+        repeat=True,
+        metavar="GROUPS:KEY=VALUE",
+    )
+    grpc_disable_protocol: tuple[str, ...] = option(
+        (),
+        "RPC groups turned off: every call of them gets PERMISSION_DENIED "
+        "('<group>[,<group>...]'; repeatable)",
+        repeat=True,
+        metavar="GROUPS",
+    )
+
+    http_restricted_api: tuple[str, ...] = option(
+        (),
+        "HTTP/REST API groups that require a header: '<group>[,<group>...]:<key>=<value>' "
+        "makes them answer only requests with the header '<key>: <value>' (the groups of "
+        "--grpc-restricted-protocol; repeat for more rules)",
+        repeat=True,
+        metavar="GROUPS:KEY=VALUE",
+    )
+    http_disable_api: tuple[str, ...] = option(
+        (),
+        "HTTP/REST API groups turned off: every request of them gets 403 "
+        "('<group>[,<group>...]'; repeatable)",
+        repeat=True,
+        metavar="GROUPS",
+    )
 
     server_name: str = option(
         "pipeserve",
@@ -251,6 +329,39 @@ class Settings:
             raise SettingsError(
                 "grpc-max-concurrent-streams must fit 31 bits", "grpc_max_concurrent_streams"
             )
+        for endpoint in ("grpc", "metrics", "http"):
+            cert, key, ca = (f"{endpoint}_tls_{part}" for part in ("cert", "key", "client_ca"))
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                given, missing = (cert, key) if getattr(self, cert) is not None else (key, cert)
+                raise SettingsError(f"--{_flag(given)} needs --{_flag(missing)}", missing)
+            if getattr(self, ca) is not None and getattr(self, cert) is None:
+                raise SettingsError(f"--{_flag(ca)} needs --{_flag(cert)} and --{_flag(key)}", ca)
+        try:
+            self.grpc_restrictions()
+            self.http_restrictions()
+        except RestrictionError as exc:
+            raise SettingsError(str(exc), exc.flag.replace("-", "_")) from None
+
+    def grpc_restrictions(self) -> Restrictions:
+        """The parsed --grpc-restricted-protocol and --grpc-disable-protocol rules."""
+        return parse_restrictions(
+            self.grpc_restricted_protocol,
+            self.grpc_disable_protocol,
+            header_prefix=GRPC_HEADER_PREFIX,
+            restricted_flag="grpc-restricted-protocol",
+            disabled_flag="grpc-disable-protocol",
+        )
+
+    def http_restrictions(self) -> Restrictions:
+        """The parsed --http-restricted-api and --http-disable-api rules (bare header keys)."""
+        return parse_restrictions(
+            self.http_restricted_api,
+            self.http_disable_api,
+            header_prefix="",
+            restricted_flag="http-restricted-api",
+            disabled_flag="http-disable-api",
+            noun="API",
+        )
 
 
 def transport_limit_names() -> tuple[str, ...]:

@@ -116,3 +116,21 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def serve_fails(repo: Path, *args: str, environ: dict[str, str] | None = None) -> str:
+    """Run `python -m pipeserve serve` as a user would, expecting it to refuse to start (before
+    it binds a port): exit 2, no traceback. Returns its stderr. PIPESERVE_* variables come only
+    from `environ`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_")}
+    env.update(environ or {})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(repo), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr

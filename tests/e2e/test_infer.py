@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import triton_to_np_dtype
 
 from tests import onnx_models as om
 from tests.e2e.conftest import standard_repository
@@ -65,7 +66,9 @@ def _floats(dtype: np.dtype) -> list[float]:
     return [1.5, -0.0, float(info.max), float(info.smallest_subnormal), -np.inf, np.nan]
 
 
-# tritonclient sends BF16 from float32 arrays (keeping the high 16 bits): values bfloat16 holds.
+# tritonclient up to r26.05 sends BF16 from float32 arrays (keeping the high 16 bits), later
+# releases from ml_dtypes.bfloat16 arrays; triton_to_np_dtype names the one the installed client
+# wants. Values bfloat16 holds exactly.
 BF16_VALUES = [1.5, -2.0, 0.0078125, 3.3895313892515355e38, -np.inf, np.nan]
 
 BYTES_VALUES = [b"", b"hello", "h\u00e9llo \u20ac".encode(), b"a\x00b", b"x" * 1000, b"\t\n"]
@@ -78,7 +81,7 @@ def sample(datatype: str) -> np.ndarray:
     if datatype == "BYTES":
         return np.array(BYTES_VALUES, dtype=np.object_).reshape(2, 3)
     if datatype == "BF16":
-        return np.array(BF16_VALUES, dtype=np.float32).reshape(2, 3)
+        return np.array(BF16_VALUES, dtype=triton_to_np_dtype("BF16")).reshape(2, 3)
     dtype = np.dtype(datatype.lower().replace("fp", "float"))  # INT8 -> int8, FP16 -> float16
     values = _floats(dtype) if dtype.kind == "f" else _integers(dtype)
     return np.array(values, dtype=dtype).reshape(2, 3)
@@ -131,6 +134,10 @@ def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.shape == expected.shape
     if expected.dtype == np.object_:
         assert actual.tolist() == expected.tolist()
+    elif expected.dtype.name == "bfloat16":
+        # ml_dtypes' bfloat16 NaN does not compare equal in assert_array_equal: compare the bits.
+        assert actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual.view(np.uint16), expected.view(np.uint16))
     else:
         np.testing.assert_array_equal(actual, expected)
 

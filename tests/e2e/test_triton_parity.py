@@ -255,7 +255,8 @@ def test_the_ready_line_lists_ready_and_failed_models_apart(none_server: ServerP
     assert " WARNING " in line  # something failed
     served, failed = line.split("pipeserve ready: models ", 1)[1].split("; failed ", 1)
     assert "'plain'" in served and "'warmed'" in served and "'sequence'" not in served
-    assert "'sequence': \"model 'sequence': config section 'sequence_batching'" in failed
+    # The model is named once, as the key: its reason does not repeat "model 'sequence': ".
+    assert "'sequence': \"config section 'sequence_batching'" in failed
     assert "'warm_fails': " in failed and "failed to run warmup sample 'oob'" in failed
     assert "(not ready: --strict-readiness and a model failed)" in line
 

@@ -55,16 +55,20 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
 def run_pack(args: argparse.Namespace) -> int:
     from pipeserve.errors import PipeserveError
+    from pipeserve.progress import PhaseProgress
     from pipeserve.weights.pack import pack_model
 
     try:
-        report = pack_model(
-            args.model,
-            args.out_dir,
-            optimize=not args.no_optimize,
-            alignment=args.alignment,
-            inline_below=args.inline_below,
-        )
+        # A bar per phase on a terminal, plain lines otherwise (stderr: stdout is the report).
+        with PhaseProgress("pipeserve pack") as progress:
+            report = pack_model(
+                args.model,
+                args.out_dir,
+                optimize=not args.no_optimize,
+                alignment=args.alignment,
+                inline_below=args.inline_below,
+                on_progress=progress,
+            )
     except PipeserveError as exc:
         print(f"pipeserve pack: error: {exc}", file=sys.stderr)
         return 1

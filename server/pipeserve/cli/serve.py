@@ -128,14 +128,14 @@ def _add(
         default=value,
         choices=opt.choices or None,
         metavar=opt.metavar,
-        help=f"{opt.help} (default: {default})",
+        help=opt.help if default is None else f"{opt.help} (default: {default})",
     )
 
 
 def _converter(kind: Any, opt: Option) -> Callable[[str], Any]:
     if opt.upper:
         return str.upper
-    if kind is Path:
+    if kind is Path or kind == Path | None:
         return Path
     return kind  # type: ignore[no-any-return]  # int, float, str: argparse names them in errors
 
@@ -221,6 +221,9 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except SettingsError as exc:  # found when the server is built (TLS files: api/tls.py)
+        print(f"pipeserve: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"pipeserve: error: {exc}", file=sys.stderr)
         return 1

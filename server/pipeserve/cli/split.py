@@ -5,6 +5,11 @@ highest numeric version is used). The plan lists, per stage, the compute nodes, 
 arithmetic it recomputes, its weight bytes and estimated cost; and per cut, the tensors crossing
 it. The graph is read without weights, so this works on models of any size.
 
+By default node costs are FLOPs estimated from shapes, so the same model and flags print the
+same plan on every run. `--cost profile` (or `auto`, what a served model uses unless its
+`pipeline_cost` parameter says otherwise) times every node in a short onnxruntime run instead:
+closer to real speed, but measured, so cuts can move between runs.
+
 onnx and onnxruntime are imported only when the command runs, so `--help` stays light.
 """
 
@@ -18,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeserve.errors import PipeserveError
-from pipeserve.partition.hints import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT
+from pipeserve.partition.hints import DEFAULT_BATCH_HINT, DEFAULT_DIM_HINT, PROFILED_UNIT
+from pipeserve.progress import PhaseProgress, format_bytes
 
 if TYPE_CHECKING:
     from pipeserve.partition.partitioner import Plan
@@ -43,9 +49,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cost",
-        choices=("auto", "profile", "estimate"),
-        default="auto",
-        help="profile: one onnxruntime profiling run; estimate: FLOPs from shapes (default: auto)",
+        choices=("estimate", "profile", "auto"),
+        default="estimate",
+        help="estimate: FLOPs from shapes, the same plan every run (default); profile: node "
+        "times measured in a short onnxruntime run, which can move cuts between runs; auto: "
+        "profile when the weights are under 2 GiB, as a served model does by default",
     )
     p.add_argument(
         "--batch-hint",
@@ -68,14 +76,17 @@ def run_split(args: argparse.Namespace) -> int:
     try:
         path = resolve_model_path(args.model)
         cuts = [c.strip() for c in args.cuts.split(",") if c.strip()] or None
-        plan = partition_model(
-            path,
-            args.stages,
-            cuts=cuts,
-            cost=args.cost,
-            batch_hint=args.batch_hint,
-            dim_hint=args.dim_hint,
-        )
+        # A bar on a terminal, plain lines otherwise; on stderr, so stdout is only the plan.
+        with PhaseProgress("pipeserve split") as progress:
+            plan = partition_model(
+                path,
+                args.stages,
+                cuts=cuts,
+                cost=args.cost,
+                batch_hint=args.batch_hint,
+                dim_hint=args.dim_hint,
+                on_progress=progress,
+            )
     except PipeserveError as exc:
         print(f"pipeserve split: error: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +125,8 @@ def plan_summary(plan: Plan, path: Path) -> dict[str, Any]:
     return {
         "model": str(path),
         "cost_unit": plan.cost_unit,
+        # False when node costs were measured: the same flags may then cut elsewhere next run.
+        "reproducible": plan.cost_unit != PROFILED_UNIT,
         "stages": [
             {
                 "stage": s.index,
@@ -140,6 +153,7 @@ def format_plan(plan: Plan, path: Path) -> str:
     lines = [
         f"model: {path}",
         f"stages: {len(plan.stages)}   cost: {plan.cost_unit}",
+        cost_note(plan.cost_unit),
         "",
         f"{'stage':>5}  {'nodes':>6}  {'recomputed':>10}  {'weights':>10}  {'est cost':>12}  "
         f"{'share':>5}  first .. last node",
@@ -147,25 +161,30 @@ def format_plan(plan: Plan, path: Path) -> str:
     for s in plan.stages:
         lines.append(
             f"{s.index:>5}  {len(s.nodes):>6}  {len(s.recomputed):>10}  "
-            f"{_bytes(s.weight_bytes):>10}  {s.est_cost:>12.1f}  {s.est_cost / total:>5.0%}  "
+            f"{format_bytes(s.weight_bytes):>10}  {s.est_cost:>12.1f}  {s.est_cost / total:>5.0%}  "
             f"{s.nodes[0]} .. {s.nodes[-1]}"
         )
     lines.append("")
     for c in plan.cuts:
         lines.append(
             f"cut after stage {c.after_stage}: {len(c.tensors)} tensor(s), "
-            f"~{_bytes(c.est_bytes)} at the hinted input sizes"
+            f"~{format_bytes(c.est_bytes)} at the hinted input sizes"
         )
         lines.extend(f"    {name}" for name in c.tensors)
     return "\n".join(lines)
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def cost_note(cost_unit: str) -> str:
+    """One line saying whether the plan is reproducible (measured costs are not)."""
+    if cost_unit == PROFILED_UNIT:
+        return (
+            "note: node costs were measured now, so cuts can move between runs; "
+            "--cost estimate prints the same plan every time"
+        )
+    return (
+        "note: a served model measures node costs at load unless its config sets "
+        "pipeline_cost to estimate; --cost auto shows such a plan"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -137,8 +138,15 @@ class MetricsServer:
     """A running /metrics endpoint on the same HTTP listener as the REST API (uvicorn). `port`
     is the bound port (useful when started on port 0)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._listener = HttpServer(MetricsApp(registry), host, port, _LIMITS)
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        # With `context` every connection speaks TLS (https).
+        self._listener = HttpServer(MetricsApp(registry), host, port, _LIMITS, context)
 
     @property
     def port(self) -> int:
@@ -152,8 +160,11 @@ class MetricsServer:
         await self._listener.stop(grace=1.0)
 
 
-async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
-    """Serve GET /metrics for `registry` on host:port (port 0 picks a free port; read `.port`)."""
-    server = MetricsServer(registry, host, port)
+async def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, context: ssl.SSLContext | None = None
+) -> MetricsServer:
+    """Serve GET /metrics for `registry` on host:port (port 0 picks a free port; read `.port`),
+    over https when `context` is given."""
+    server = MetricsServer(registry, host, port, context)
     await server.start()
     return server

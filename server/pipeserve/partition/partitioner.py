@@ -27,12 +27,18 @@ from pipeserve.errors import ConfigError
 from pipeserve.partition import cost as cost_model
 from pipeserve.partition.cuts import choose_cuts
 from pipeserve.partition.graph_index import GraphIndex
+from pipeserve.partition.hints import ESTIMATED_UNIT, PROFILED_UNIT
+from pipeserve.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
 CostMode = Literal["auto", "profile", "estimate"]
 # "auto" profiles only models whose weights fit comfortably in memory for one extra session.
 PROFILE_WEIGHT_LIMIT_BYTES = 2 << 30
+# What on_progress hears: one phase of four steps (graph read, nodes costed, cuts chosen, stage
+# graphs built and checked).
+PLAN_PHASE = "planning"
+PLAN_STEPS = ("read", "cost", "cut", "build")
 # Crossing size assumed for a tensor whose shape could not be inferred.
 UNKNOWN_TENSOR_BYTES = 16 << 10
 
@@ -64,7 +70,7 @@ class CutPlan:
 class Plan:
     stages: tuple[StagePlan, ...]
     cuts: tuple[CutPlan, ...]
-    cost_unit: str  # "us (profiled)" or "flops (estimated)"
+    cost_unit: str  # PROFILED_UNIT, ESTIMATED_UNIT or "units (given)"
     graph_inputs: tuple[str, ...]
     graph_outputs: tuple[str, ...]
     base_dir: Path | None  # where external weight files are found
@@ -86,8 +92,12 @@ def partition_model(
     cost: CostMode = "auto",
     batch_hint: int = cost_model.DEFAULT_BATCH_HINT,
     dim_hint: int = cost_model.DEFAULT_DIM_HINT,
+    on_progress: ProgressCallback | None = None,
 ) -> Plan:
-    """Load `path` without weights and split it into `stages` stages (or at the named `cuts`)."""
+    """Load `path` without weights and split it into `stages` stages (or at the named `cuts`).
+    `on_progress` hears each step (reading, costing, cutting, building the stages)."""
+    if on_progress is not None:
+        on_progress(PLAN_PHASE, 0, len(PLAN_STEPS), "step")
     model = load_graph(path)
     return partition(
         model,
@@ -97,6 +107,7 @@ def partition_model(
         base_dir=path.parent,
         batch_hint=batch_hint,
         dim_hint=dim_hint,
+        on_progress=on_progress,
     )
 
 
@@ -110,9 +121,16 @@ def partition(
     batch_hint: int = cost_model.DEFAULT_BATCH_HINT,
     dim_hint: int = cost_model.DEFAULT_DIM_HINT,
     node_costs: Mapping[int, float] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Plan:
     """Split `model` (loaded without external data). `node_costs` (by node index) overrides
     `cost`; tests use it to place cuts deterministically."""
+
+    def step(done: str) -> None:
+        if on_progress is not None:
+            on_progress(PLAN_PHASE, PLAN_STEPS.index(done) + 1, len(PLAN_STEPS), "step")
+
+    step("read")
     index = GraphIndex(model)
     compute = index.compute_nodes
     if stages < 1:
@@ -126,6 +144,7 @@ def partition(
     unit = "units (given)"
     if node_costs is None:
         node_costs, unit = _node_costs(model, index, cost, base_dir, batch_hint, dim_hint)
+    step("cost")
     if cuts is not None:
         positions = _named_cuts(index, cuts, stages)
     else:
@@ -137,7 +156,10 @@ def partition(
     for stage in range(stages):
         for node in compute[bounds[stage] : bounds[stage + 1]]:
             stage_of[node] = stage
-    return _build_plan(model, index, stage_of, stages, node_costs, unit, shapes, base_dir)
+    step("cut")
+    plan = _build_plan(model, index, stage_of, stages, node_costs, unit, shapes, base_dir)
+    step("build")
+    return plan
 
 
 def _node_costs(
@@ -154,8 +176,8 @@ def _node_costs(
     if mode == "profile" or (mode == "auto" and weights <= PROFILE_WEIGHT_LIMIT_BYTES):
         measured = cost_model.profile_node_costs(model, base_dir, batch_hint, dim_hint)
         if measured is not None:
-            return measured, "us (profiled)"
-    return cost_model.estimate_node_costs(model, batch_hint, dim_hint), "flops (estimated)"
+            return measured, PROFILED_UNIT
+    return cost_model.estimate_node_costs(model, batch_hint, dim_hint), ESTIMATED_UNIT
 
 
 def _named_cuts(index: GraphIndex, names: Sequence[str], stages: int) -> list[int]:

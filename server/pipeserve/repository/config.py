@@ -9,10 +9,12 @@ grpc.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import Descriptor
 
 from pipeserve.api.generated import model_config_pb2 as mc
 from pipeserve.errors import ConfigError
@@ -54,8 +56,43 @@ def parse_config_json(text: str) -> ModelConfig:
     try:
         json_format.Parse(text, config)
     except (json_format.ParseError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"invalid JSON model configuration override: {exc}") from None
+        reason = _as_config_writes_it(str(exc))
+        raise ConfigError(f"invalid JSON model configuration override: {reason}") from None
     return config
+
+
+def _json_to_proto_names(descriptor: Descriptor) -> dict[str, str]:
+    """lowerCamelCase JSON name -> proto field name, for every field reachable from `descriptor`."""
+    names: dict[str, str] = {}
+    seen: set[str] = set()
+    pending = [descriptor]
+    while pending:
+        message = pending.pop()
+        if message.full_name in seen:
+            continue
+        seen.add(message.full_name)
+        for field in message.fields:
+            if field.json_name != field.name:
+                names[field.json_name] = field.name
+            if field.message_type is not None:
+                pending.append(field.message_type)
+    return names
+
+
+_PROTO_NAMES = _json_to_proto_names(ModelConfig.DESCRIPTOR)
+_CAMEL_WORD = re.compile(r"\b[a-z][a-z0-9]*(?:[A-Z][a-z0-9]*)+\b")
+_AVAILABLE = re.compile(r'\s*Available Fields\(except extensions\): "\[(.*)\]"', re.S)
+
+
+def _as_config_writes_it(message: str) -> str:
+    """json_format's errors name fields by their JSON names (maxBatchSize) and list the known
+    ones as a Python list on a second line; config.pbtxt and Triton's JSON say max_batch_size.
+    Rewrite the names and put the list on the same line."""
+    message = _AVAILABLE.sub(
+        lambda m: " Known fields: " + ", ".join(n.strip(" '") for n in m[1].split(",")) + ".",
+        message,
+    )
+    return _CAMEL_WORD.sub(lambda m: _PROTO_NAMES.get(m[0], m[0]), message)
 
 
 def complete_config(config: ModelConfig, name: str, graph: GraphIO) -> ModelConfig:
@@ -207,8 +244,9 @@ def model_spec(
     )
 
 
-def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
-    """Apply version_policy (default: latest 1) to the version folders found on disk."""
+def select_versions(config: ModelConfig, available: list[int], name: str) -> list[int]:
+    """Apply version_policy (default: latest 1) to the version folders found on disk. `name`
+    is the model's folder name (a config read from disk may leave its own `name` out)."""
     ordered = sorted(available)
     policy = config.version_policy
     which = policy.WhichOneof("policy_choice")
@@ -219,13 +257,13 @@ def select_versions(config: ModelConfig, available: list[int]) -> list[int]:
         missing = [v for v in wanted if v not in ordered]
         if missing:
             raise ConfigError(
-                f"model '{config.name}': version_policy asks for versions {missing} that have no "
+                f"model '{name}': version_policy asks for versions {missing} that have no "
                 f"folder with {config.default_model_filename or DEFAULT_MODEL_FILENAME}"
             )
         return wanted
     count = policy.latest.num_versions if which == "latest" else 1
     if count < 1:
-        raise ConfigError(f"model '{config.name}': version_policy latest needs num_versions >= 1")
+        raise ConfigError(f"model '{name}': version_policy latest needs num_versions >= 1")
     return ordered[-count:]
 
 

@@ -101,19 +101,32 @@ def available_providers() -> tuple[str, ...]:
 
 
 @functools.cache
-def cuda_usable() -> bool:
-    """CUDA EP listed *and* a device present. onnxruntime-gpu lists the EP on CPU-only machines,
-    so ask the driver through the EP's own device count."""
+def cuda_device_count() -> int:
+    """CUDA devices onnxruntime can use: 0 unless the CUDA EP is listed *and* a device is
+    present (onnxruntime-gpu lists the EP on CPU-only machines, so ask the driver through the
+    EP's own device count)."""
     if "CUDAExecutionProvider" not in available_providers():
-        return False
+        return 0
     try:
-        count = ort.get_device_count("CUDAExecutionProvider")  # type: ignore[attr-defined]
+        return int(ort.get_device_count("CUDAExecutionProvider"))  # type: ignore[attr-defined]
     except Exception:
-        count = _probe_cuda_session()
-    usable = count > 0
-    if not usable:
-        log.info("no CUDA device found: every session runs on the CPU execution provider")
-    return usable
+        return _probe_cuda_session()
+
+
+def cuda_usable() -> bool:
+    return cuda_device_count() > 0
+
+
+def describe() -> str:
+    """One line for the start-up log: onnxruntime, its execution providers, what models get."""
+    providers = ", ".join(available_providers())
+    if cuda_usable():
+        where = f"{cuda_device_count()} CUDA device(s): GPU and AUTO instances run on CUDA"
+    elif "CUDAExecutionProvider" in available_providers():
+        where = "no CUDA device found: every model instance runs on the CPU execution provider"
+    else:
+        where = "no CUDA provider: every model instance runs on the CPU execution provider"
+    return f"onnxruntime {ort.__version__}, execution providers: {providers}; {where}"
 
 
 def _probe_cuda_session() -> int:

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from pipeserve import parameters as table
 from pipeserve.errors import ConfigError
+from pipeserve.progress import LoadProgress
 from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
 from pipeserve.runtime.devices import CPU, Device, instance_device, place
 from pipeserve.runtime.sessions import (
@@ -175,7 +176,12 @@ def plan_instances(
     )
 
 
-def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> SessionInstances:
+def create_instances(
+    model_path: Path,
+    plan: InstancePlan,
+    model_name: str,
+    progress: LoadProgress | None = None,
+) -> SessionInstances:
     """Create every session (slow; call off the event loop). Raises ModelLoadError.
 
     Fast start: onnxruntime's CPU load time is mostly weight pre-packing (a re-layout of every
@@ -218,6 +224,8 @@ def create_instances(model_path: Path, plan: InstancePlan, model_name: str) -> S
         devices.append(device)
         if fast:
             to_upgrade.append(slot)
+        if progress is not None:
+            progress.step("instance", slot + 1, len(plan.kinds), f"on {device}")
     log.info("model '%s': %d instance(s) on %s", model_name, len(sessions), ", ".join(devices))
     instances = SessionInstances(sessions, devices, mapped, run_options(plan.ort))
     instances.start_upgrade(to_upgrade, lambda slot: open_slot(slot, prepack=True))

@@ -28,9 +28,10 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from pipeserve.errors import ModelLoadError
+from pipeserve.progress import ProgressCallback
 from pipeserve.weights.external_data import (
     Prepacked,
     PrepackedBlob,
@@ -138,6 +139,18 @@ def _raw_bytes(tensor: TensorProto) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
+def _stored_bytes(tensor: TensorProto) -> int:
+    """Bytes of an initializer's data without reading it (progress totals only)."""
+    if tensor.data_type == TensorProto.STRING:
+        return 0
+    if is_external(tensor):
+        return external_ref(tensor).length
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
 class _WeightWriter:
     """Appends tensors to weights.bin at aligned offsets; identical bytes are stored once."""
 
@@ -211,11 +224,21 @@ def _write_portable(
     source: _SourceData,
     writer: _WeightWriter,
     inline_below: int,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[list[TensorEntry], int]:
     """Move every initializer of `inline_below` bytes or more into weights.bin; bring smaller
     external ones inline. Returns the index entries and the count left inline."""
     entries: list[TensorEntry] = []
     inline = 0
+    total = sum(_stored_bytes(t) for t in iter_initializers(model))
+    done = 0
+
+    def report(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if on_progress is not None:
+            on_progress("weights", min(done, total), total, "B")
+
     for tensor in iter_initializers(model):
         if tensor.data_type == TensorProto.STRING:
             inline += 1  # strings have no raw layout; they stay in the graph
@@ -228,8 +251,11 @@ def _write_portable(
                 tensor.data_location = TensorProto.DEFAULT
                 tensor.raw_data = bytes(view)
             inline += 1
+            report(len(view))
             continue
-        crc = crc32_of(view)
+        # Reading the source (the checksum's pass) is the slow part of a cold multi-GB tensor:
+        # progress advances per chunk of it, not per tensor.
+        crc = crc32_of(view, on_chunk=report)
         offset = writer.write(view, crc)
         set_external(tensor, WEIGHT_FILE_NAME, offset, len(view))
         entries.append(_entry(tensor, offset, len(view), crc))
@@ -257,7 +283,10 @@ def _optimize_with_ort(graph_path: Path, out_graph: Path, inline_below: int) -> 
 
 
 def _relayout_optimized(
-    ort_graph: Path, writer: _WeightWriter, stack: ExitStack
+    ort_graph: Path,
+    writer: _WeightWriter,
+    stack: ExitStack,
+    on_progress: ProgressCallback | None = None,
 ) -> tuple[onnx.ModelProto, list[TensorEntry], list[BlobEntry]]:
     """Move the tensors and pre-packed blobs onnxruntime wrote into weights.bin (tensors equal to
     portable ones are shared) and point the optimised graph at them."""
@@ -265,9 +294,10 @@ def _relayout_optimized(
     source = _SourceData(ort_graph.parent, stack)
     tensors: list[TensorEntry] = []
     blobs: list[BlobEntry] = []
-    for tensor in iter_initializers(model):
-        if not is_external(tensor):
-            continue
+    external = [t for t in iter_initializers(model) if is_external(t)]
+    for done, tensor in enumerate(external, start=1):
+        if on_progress is not None:
+            on_progress("optimised weights", done, len(external), "tensor")
         ref = external_ref(tensor)
         view = source.view(tensor)
         crc = crc32_of(view)
@@ -294,10 +324,13 @@ def pack_model(
     optimize: bool = True,
     alignment: int = DEFAULT_ALIGNMENT,
     inline_below: int = DEFAULT_INLINE_BELOW,
+    on_progress: ProgressCallback | None = None,
 ) -> PackReport:
     """Pack `src` into `out_dir` (created if missing). Files are built in a staging folder inside
     `out_dir` and moved in at the end, index last; files of an earlier pack that sessions still
-    map stay valid (they are replaced, not overwritten). Raises ModelLoadError."""
+    map stay valid (they are replaced, not overwritten). `on_progress` hears each phase
+    (weights copied, onnxruntime's optimisation, pre-packed tensors moved). Raises
+    ModelLoadError."""
     started = time.monotonic()
     if alignment <= 0 or alignment & (alignment - 1) or alignment % mmap.ALLOCATIONGRANULARITY:
         raise ModelLoadError(
@@ -317,14 +350,16 @@ def pack_model(
             weight_path = staging / WEIGHT_FILE_NAME
             with open(weight_path, "wb") as f:
                 writer = _WeightWriter(f, alignment)
-                entries, inline = _write_portable(model, source, writer, inline_below)
+                entries, inline = _write_portable(model, source, writer, inline_below, on_progress)
                 portable_end = writer.end
                 f.truncate(portable_end)
             writer.forget()
             onnx.save_model(model, str(staging / GRAPH_NAME))
             optimized = None
             if optimize and entries:
-                optimized = _add_optimized(staging, entries, alignment, inline_below, stack)
+                optimized = _add_optimized(
+                    staging, entries, alignment, inline_below, stack, on_progress
+                )
             file_bytes = weight_path.stat().st_size
         index = PackIndex(
             weight_file=WEIGHT_FILE_NAME,
@@ -366,11 +401,16 @@ def _add_optimized(
     alignment: int,
     inline_below: int,
     stack: ExitStack,
+    on_progress: ProgressCallback | None = None,
 ) -> OptimizedGraph:
     ort_dir = staging / "ort"
     ort_dir.mkdir()
     ort_graph = ort_dir / OPTIMIZED_GRAPH_NAME
+    if on_progress is not None:  # one opaque step: onnxruntime reports nothing while it works
+        on_progress("onnxruntime CPU optimisation", 0, 1, "step")
     _optimize_with_ort(staging / GRAPH_NAME, ort_graph, inline_below)
+    if on_progress is not None:
+        on_progress("onnxruntime CPU optimisation", 1, 1, "step")
     weight_path = staging / WEIGHT_FILE_NAME
     with ExitStack() as inner:
         portable = _map_readonly(weight_path, inner)
@@ -381,7 +421,7 @@ def _add_optimized(
                     writer.remember(
                         e.offset, memoryview(portable)[e.offset : e.offset + e.length], e.crc32
                     )
-            model, tensors, blobs = _relayout_optimized(ort_graph, writer, inner)
+            model, tensors, blobs = _relayout_optimized(ort_graph, writer, inner, on_progress)
             writer.forget()
             f.truncate(max(writer.end, os.fstat(f.fileno()).st_size))
     onnx.save_model(model, str(staging / OPTIMIZED_GRAPH_NAME))

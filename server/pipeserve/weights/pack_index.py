@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,14 @@ def cpu_fingerprint() -> dict[str, str]:
     }
 
 
-def crc32_of(view: memoryview) -> int:
+def crc32_of(view: memoryview, on_chunk: Callable[[int], None] | None = None) -> int:
+    """CRC-32 of `view`, in chunks; `on_chunk(nbytes)` hears each (progress of big tensors)."""
     crc = 0
     for start in range(0, len(view), _CRC_CHUNK):
-        crc = zlib.crc32(view[start : start + _CRC_CHUNK], crc)
+        chunk = view[start : start + _CRC_CHUNK]
+        crc = zlib.crc32(chunk, crc)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return crc
 
 

@@ -7,9 +7,13 @@ streaming flags) proves that tritonclient and perf_analyzer read and write the s
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pool
@@ -18,6 +22,7 @@ from google.protobuf.descriptor_pb2 import DescriptorProto as MessageProto
 from google.protobuf.descriptor_pb2 import EnumDescriptorProto as EnumProto
 from google.protobuf.descriptor_pb2 import FieldDescriptorProto as FieldProto
 from google.protobuf.descriptor_pb2 import FileDescriptorProto as FileProto
+from packaging.requirements import Requirement
 from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_service_pb2
 
@@ -298,3 +303,45 @@ def test_coexists_with_tritonclient_in_one_process(statements: list[str]) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+_GENERATED_DIR = Path(model_config_pb2.__file__).parent
+_RUNTIME_CHECK = re.compile(
+    r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*"
+    r"(\d+),\s*(\d+),\s*(\d+),"
+)
+
+
+def _gencode_versions() -> set[tuple[int, int, int]]:
+    found = set()
+    for path in sorted(_GENERATED_DIR.glob("*_pb2.py")):
+        match = _RUNTIME_CHECK.search(path.read_text())
+        assert match is not None, f"{path.name}: no runtime version check found"
+        found.add((int(match[1]), int(match[2]), int(match[3])))
+    return found
+
+
+def _declared_protobuf() -> Requirement:
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    reqs = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    return next(r for r in reqs if r.name == "protobuf")
+
+
+def test_protobuf_range_is_the_one_the_generated_code_accepts() -> None:
+    # The generated modules refuse runtimes older than the protoc that made them, and protobuf's
+    # cross-version guarantee covers code of major V on runtimes V and V+1. pyproject must say
+    # exactly that: a floor higher than needed excludes tritonclient releases (2.73 pins
+    # protobuf <7), a lower one lets pip install a runtime that dies at import.
+    versions = _gencode_versions()
+    assert len(versions) == 1, f"generated files disagree on their protoc: {versions}"
+    ((major, minor, patch),) = versions
+    spec = {(s.operator, s.version) for s in _declared_protobuf().specifier}
+    assert spec == {(">=", f"{major}.{minor}.{patch}"), ("<", str(major + 2))}
+
+
+def test_protobuf_range_allows_tritonclient_2_41_and_the_newest() -> None:
+    # tritonclient 2.41 takes any protobuf; the newest release (2.73) pins >=6.30,<7 and its own
+    # generated code needs 6.33.5. Versions inside both: the floor check above must keep them.
+    spec = _declared_protobuf().specifier
+    assert spec.contains("6.33.5") and spec.contains("6.33.6")
+    assert spec.contains(version("protobuf")), "the installed runtime is outside the range"

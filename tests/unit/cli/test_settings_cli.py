@@ -15,7 +15,7 @@ import pytest
 from pipeserve.cli import build_parser, main
 from pipeserve.settings import MAX_MESSAGE_LIMIT, Settings, SettingsError, env_defaults
 from tests import onnx_models as om
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, serve_fails
 
 
 @pytest.fixture(autouse=True)
@@ -255,18 +255,7 @@ def test_real_entry_point_reports_bad_values(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
     """The installed module, as a user runs it: message on stderr, exit 2, no traceback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPESERVE_")}
-    env[variable] = value
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeserve", "serve", "--model-repository", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    assert message in serve_fails(tmp_path, environ={variable: value})
 
 
 # ---- pipeserve health -------------------------------------------------------------------------

@@ -123,13 +123,14 @@ def test_json_override():
     ],
 )
 def test_version_policy(policy, expected):
-    assert select_versions(parse_config_text(policy, "x"), [3, 1, 2]) == expected
+    assert select_versions(parse_config_text(policy, "x"), [3, 1, 2], "m") == expected
 
 
-def test_specific_version_that_does_not_exist():
+def test_specific_version_that_does_not_exist_names_the_folder():
+    # The config leaves `name` out (as most do): the message names the model by its folder.
     config = parse_config_text("version_policy: { specific: { versions: [7] } }", "x")
-    with pytest.raises(ConfigError, match=r"versions \[7\]"):
-        select_versions(config, [1])
+    with pytest.raises(ConfigError, match=r"^model 'm': version_policy asks for versions \[7\]"):
+        select_versions(config, [1], "m")
 
 
 def test_corrupt_onnx_is_a_load_error(tmp_path):

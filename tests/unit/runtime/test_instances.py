@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
 
 from pipeserve.errors import ConfigError
+from pipeserve.progress import LoadProgress
 from pipeserve.runtime.instances import create_instances, plan_instances
 from tests import onnx_models as om
 
@@ -91,3 +94,18 @@ def test_thread_budget_and_bad_parameters():
         plan_instances([("CPU", 1, [])], {"fast_start": "soon"})
     with pytest.raises(ConfigError, match="KIND_MODEL is not supported"):
         plan_instances([("MODEL", 1, [])], {})
+
+
+def test_each_instance_built_is_logged_once_a_load_is_slow(model_path, caplog):
+    # after_secs=0: every load counts as slow, so each real session opened logs its line.
+    progress = LoadProgress("mlp", 3, logging.getLogger("pipeserve.loader"), after_secs=0.0)
+    with caplog.at_level(logging.INFO, logger="pipeserve.loader"):
+        instances = create_instances(
+            model_path, plan_instances([("CPU", 2, [])], {}), "mlp", progress
+        )
+    instances.close()
+    built = [m for m in caplog.messages if "built" in m]
+    assert len(built) == 2
+    assert built[0].startswith("model 'mlp' v3: instance 1 of 2 built on cpu, ")
+    assert built[1].startswith("model 'mlp' v3: instance 2 of 2 built on cpu, ")
+    assert built[1].endswith(" s into the load")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -190,3 +192,43 @@ def test_cli_reports_errors_without_traceback(
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("pipeserve pack: error: cannot read ONNX model") and "nope.onnx" in err
+
+
+def test_cli_progress_on_a_pipe_is_plain_lines_on_stderr(tmp_path: Path) -> None:
+    # A subprocess, so stderr really is a pipe (not a terminal): plain lines, no bar.
+    src = save_external(transformer_like(), tmp_path / "src" / "model.onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeserve", "pack", str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    phases = [line.split(": ")[1] for line in result.stderr.splitlines()]
+    assert phases == ["weights", "onnxruntime CPU optimisation", "optimised weights"]
+    assert "\r" not in result.stderr
+    assert all(": done (" in line for line in result.stderr.splitlines())
+    assert result.stdout.startswith("packed into ")
+
+
+def test_progress_advances_inside_a_big_tensor(tmp_path: Path) -> None:
+    # One 40 MiB weight: the weights phase must report more than once while it is read, and end
+    # at exactly the model's weight bytes.
+    w = np.ones((1024, 10240), dtype=np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 1024])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 10240])],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    src = save_external(model, tmp_path / "src" / "model.onnx")
+    heard: list[tuple[str, int, int, str]] = []
+    pack_model(src, tmp_path / "out", optimize=False, on_progress=lambda *a: heard.append(a))
+    weights = [(done, total) for phase, done, total, unit in heard if phase == "weights"]
+    assert len(weights) >= 3, weights
+    assert all(total == w.nbytes for _, total in weights)
+    assert [done for done, _ in weights] == sorted(done for done, _ in weights)
+    assert weights[-1][0] == w.nbytes

@@ -1,10 +1,11 @@
 """A gRPC server on asyncio streams, with grpc.aio.Server's surface where pipeserve uses it.
 
 Servicers are registered through the generated `add_*Servicer_to_server(servicer, server)`
-functions exactly as with grpc.aio; `add_insecure_port` binds at once (so the port is known before
-start), `start` accepts, `stop(grace)` drains: listeners close, every connection gets GOAWAY, calls
-in flight have `grace` seconds, then are cancelled with UNAVAILABLE. What peers can make it hold is
-bounded by the `H2Limits` it is given (limits.py).
+functions exactly as with grpc.aio; `add_insecure_port` (or `add_secure_port` with an
+`ssl.SSLContext` offering ALPN h2) binds at once (so the port is known before start), `start`
+accepts, `stop(grace)` drains: listeners close, every connection gets GOAWAY, calls in flight
+have `grace` seconds, then are cancelled with UNAVAILABLE. What peers can make it hold is bounded
+by the `H2Limits` it is given (limits.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Iterable
 
 import grpc
@@ -21,6 +23,7 @@ from pipeserve.api.h2 import rules
 from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
 from pipeserve.api.h2.connection import CallSink, Connection, Stream
 from pipeserve.api.h2.limits import H2Limits
+from pipeserve.api.tls import HANDSHAKE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class H2Server:
             self.limits.max_decompressed_bytes,
         )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
         self._calls: set[Call] = set()
@@ -108,6 +111,13 @@ class H2Server:
     def add_insecure_port(self, address: str) -> int:
         """Binds `host:port` (`[v6]:port` too; port 0 picks one) on every address the host
         resolves to; returns the port. Raises OSError when nothing could be bound."""
+        return self._bind(address, None)
+
+    def add_secure_port(self, address: str, context: ssl.SSLContext) -> int:
+        """As add_insecure_port, every connection speaking TLS with `context`."""
+        return self._bind(address, context)
+
+    def _bind(self, address: str, context: ssl.SSLContext | None) -> int:
         host, _, port_text = address.rpartition(":")
         host = host.strip("[]") or None  # type: ignore[assignment]
         port = int(port_text)
@@ -134,13 +144,22 @@ class H2Server:
             bound.append(sock)
         if not bound:
             raise error or OSError(f"cannot bind {address}")
-        self._sockets.extend(bound)
+        self._sockets.extend((sock, context) for sock in bound)
         return int(bound[0].getsockname()[1])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for sock in self._sockets:
-            self._servers.append(await loop.create_server(self._connection, sock=sock))
+        for sock, context in self._sockets:
+            if context is None:
+                server = await loop.create_server(self._connection, sock=sock)
+            else:
+                server = await loop.create_server(
+                    self._connection,
+                    sock=sock,
+                    ssl=context,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                )
+            self._servers.append(server)
 
     async def stop(self, grace: float | None) -> None:
         for server in self._servers:

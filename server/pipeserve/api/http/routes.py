@@ -30,6 +30,7 @@ from pipeserve.api.http.codec import (
 from pipeserve.api.http.compression import compress, decompress, response_encoding
 from pipeserve.api.http.errors import HttpError, error_body, http_status
 from pipeserve.errors import InvalidInputError, PipeserveError
+from pipeserve.restrictions import Restrictions
 from pipeserve.serving.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Request:
     path: str
     headers: Mapping[bytes, bytes]  # lower-case names
     body: bytes
+    peer: str = ""  # HOST:PORT of the client, for log lines
 
 
 @dataclass(slots=True)
@@ -119,9 +121,34 @@ REPOSITORY_ROUTES: tuple[Route, ...] = (
 )
 
 
+# Every handler by Triton's API group (--http-restricted-api, --http-disable-api).
+HANDLER_GROUPS: Mapping[str, str] = {
+    "health": "health",
+    "model_ready": "health",
+    "server_metadata": "metadata",
+    "model_metadata": "metadata",
+    "infer": "inference",
+    "model_config": "model-config",
+    "statistics": "statistics",
+    "repository_index": "model-repository",
+    "repository_load": "model-repository",
+    "repository_unload": "model-repository",
+    "unsupported_shm": "shared-memory",
+    "unsupported_cuda_shm": "shared-memory",
+    "unsupported_trace": "trace",
+    "unsupported_logging": "logging",
+}
+
+
 class Router:
-    def __init__(self, dataplane: DataPlane, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        max_body_bytes: int,
+        restrictions: Restrictions | None = None,
+    ) -> None:
         self._dp = dataplane
+        self._restrictions = restrictions or Restrictions(noun="API")
         # Bound on a decompressed body (the server's --max-message-bytes, as for plain bodies).
         self._limit = max_body_bytes
         self._routes = ROUTES + REPOSITORY_ROUTES
@@ -134,6 +161,9 @@ class Router:
             name = route.methods.get(request.method)
             if name is None:
                 return Response.error(405, "Method Not Allowed")
+            denied = self._denial(name, request)
+            if denied is not None:
+                return denied
             handler: Handler = getattr(self, name)
             args = {k: v for k, v in match.groupdict().items() if v is not None}
             try:
@@ -146,6 +176,21 @@ class Router:
                 log.exception("unexpected error answering %s %s", request.method, request.path)
                 return Response.error(500, f"internal error: {exc}")
         return Response.error(404, "Not Found")
+
+    def _denial(self, handler: str, request: Request) -> Response | None:
+        """403 with Triton's message when the handler's API group is restricted or off."""
+        if not self._restrictions:
+            return None
+
+        def header(name: str) -> str | None:
+            value = request.headers.get(name.encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
+
+        message = self._restrictions.denial(HANDLER_GROUPS[handler], header)
+        if message is None:
+            return None
+        log.warning("denied %s %s from %s: %s", request.method, request.path, request.peer, message)
+        return Response.error(403, message)
 
     # ---- health and metadata --------------------------------------------------------------
 

@@ -31,7 +31,9 @@ import numpy as np
 
 from pipeserve.errors import ExecutionError, PipeserveError
 from pipeserve.inference import ModelSpec
+from pipeserve.partition.hints import PROFILED_UNIT
 from pipeserve.partition.partitioner import Plan, partition_model
+from pipeserve.progress import LoadProgress
 from pipeserve.runtime.devices import place
 from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline.stage import StageRunner, to_numpy
@@ -323,6 +325,7 @@ def create_pipeline_runner(
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
     settings: OrtSettings = DEFAULT_SETTINGS,
+    progress: LoadProgress | None = None,
 ) -> PipelineRunner | None:
     """The runner for a pipelined model version, or None when `parameters` ask for no pipeline.
 
@@ -333,7 +336,7 @@ def create_pipeline_runner(
     config = parse_pipeline_config(parameters)
     if config is None:
         return None
-    return pipeline_runner(model_path, config, spec, on_stage, settings)
+    return pipeline_runner(model_path, config, spec, on_stage, settings, progress)
 
 
 def pipeline_runner(
@@ -342,6 +345,7 @@ def pipeline_runner(
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
     settings: OrtSettings = DEFAULT_SETTINGS,
+    progress: LoadProgress | None = None,
 ) -> PipelineRunner:
     """Partition the model as `config` says and open its stages (see create_pipeline_runner)."""
     plan = partition_model(
@@ -351,7 +355,7 @@ def pipeline_runner(
         cost=config.cost,
         batch_hint=max(1, config.micro_batch_size or 1),
     )
-    return build_pipeline_runner(plan, config, spec, on_stage, settings)
+    return build_pipeline_runner(plan, config, spec, on_stage, settings, progress)
 
 
 def build_pipeline_runner(
@@ -360,6 +364,7 @@ def build_pipeline_runner(
     spec: ModelSpec,
     on_stage: StageCallback | None = None,
     settings: OrtSettings = DEFAULT_SETTINGS,
+    progress: LoadProgress | None = None,
 ) -> PipelineRunner:
     """Open a session per stage of `plan` on the configured devices and start the threads."""
     runners: list[StageRunner] = []
@@ -376,12 +381,14 @@ def build_pipeline_runner(
                     stage, device, plan.base_dir, threads, model_name=spec.name, settings=settings
                 )
             )
+            if progress is not None:
+                progress.step("stage", stage.index + 1, len(plan.stages), f"on {device}")
     except BaseException:
         for runner in runners:
             runner.close()
         raise
     log.info(
-        "model '%s' v%d: %d pipeline stages on %s, %s",
+        "model '%s' v%d: %d pipeline stages on %s, %s; cut by %s%s",
         spec.name,
         spec.version,
         len(runners),
@@ -390,6 +397,12 @@ def build_pipeline_runner(
             f"stage {s.index}: {len(s.nodes)} nodes, {s.weight_bytes} weight bytes"
             for s in plan.stages
         ),
+        plan.cost_unit,
+        # Measured costs can move the cuts from one load to the next: say how to pin them.
+        ' measured at load (cuts can differ between loads; pipeline_cost "estimate" or '
+        "pipeline_cuts fix them)"
+        if plan.cost_unit == PROFILED_UNIT
+        else "",
     )
     return PipelineRunner(
         runners,
