@@ -4,6 +4,8 @@ data extension.
 A request body is a JSON inference header, optionally followed by binary sections: when the
 `Inference-Header-Content-Length` header is given, the first that many bytes are the JSON and the
 rest holds, in input order, one section per input whose `parameters.binary_data_size` is set.
+A header length of 0 is Triton's raw binary request: the whole body is the data of the model's
+only input, its shape deduced from the byte size (decode_raw).
 Binary sections become read-only numpy views on the body (no copy); JSON `data` is converted by
 numpy in one call (flattened in row-major order, or nested exactly as `shape`). Every malformed
 body is an InvalidInputError naming what was wrong and what was expected.
@@ -30,8 +32,10 @@ from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
     BF16_DTYPE,
     array_from_raw,
+    element_size,
     numpy_dtype,
     serialize_bytes,
+    utf8_element,
 )
 
 INFER_HEADER = b"inference-header-content-length"
@@ -67,7 +71,8 @@ class EncodedResponse:
 
 
 def header_length(value: bytes | None, body_size: int) -> int | None:
-    """The parsed `Inference-Header-Content-Length`; None when absent (the body is all JSON)."""
+    """The parsed `Inference-Header-Content-Length`; None when absent (the body is all JSON), 0
+    for a raw binary request (no JSON at all)."""
     if value is None:
         return None
     text = value.decode("latin-1").strip()
@@ -78,14 +83,9 @@ def header_length(value: bytes | None, body_size: int) -> int | None:
             f"Unable to parse Inference-Header-Content-Length, got: {text!r} (expected the byte "
             f"size of the JSON inference header)"
         ) from None
-    if not 0 < length <= body_size:
-        if length == 0:
-            raise UnsupportedError(
-                "Inference-Header-Content-Length 0 (a raw binary request body) is not supported "
-                "by pipeserve: send a JSON inference header"
-            )
+    if not 0 <= length <= body_size:
         raise InvalidInputError(
-            f"inference header size should be in range (0, {body_size}], got: {length} "
+            f"inference header size should be in range [0, {body_size}], got: {length} "
             f"(Inference-Header-Content-Length must not exceed the body size)"
         )
     return length
@@ -205,6 +205,68 @@ def decode_infer(
             classification=classification,
         ),
         OutputChoice(default_binary=default_binary, binary=binary),
+    )
+
+
+def decode_raw(
+    model_name: str, model_version: str, body: bytes, spec: ModelSpec
+) -> tuple[InferRequest, OutputChoice]:
+    """Triton's raw binary request (Inference-Header-Content-Length: 0): `body` is the data of
+    the model's only input, batch 1 for a batching model; its shape is the declared one with at
+    most one variable dimension, sized from the byte count (a BYTES input must be declared [1]:
+    the body is its one element). Every output comes back in binary."""
+    if len(spec.inputs) != 1:
+        raise InvalidInputError(
+            f"Raw request must only have 1 input (found 1) to be deduced but got "
+            f"{len(spec.inputs)} inputs in '{model_name}' model configuration (a raw binary "
+            f"request, Inference-Header-Content-Length 0, has no JSON header to name inputs)"
+        )
+    declared = spec.inputs[0]
+    shape = [1] if spec.batching else []
+    variable = -1
+    count = 1
+    for dim in declared.dims:
+        if dim < 0:
+            if variable != -1:
+                raise InvalidInputError(
+                    f"The shape of the raw input '{declared.name}' can not be deduced because "
+                    f"there are more than one variable-sized dimension (declared "
+                    f"{list(declared.dims)}); send a JSON inference header with the shape"
+                )
+            variable = len(shape)
+        else:
+            count *= dim
+        shape.append(dim)
+    if declared.datatype == "BYTES":
+        if variable != -1 or count != 1:
+            raise InvalidInputError(
+                f"For BYTE datatype raw input '{declared.name}', the model must have input "
+                f"shape [1] (declared {list(declared.dims)})"
+            )
+        array = np.empty(shape, dtype=np.object_)
+        array.flat[0] = utf8_element(body, 0, declared.name)  # as every BYTES input element
+    else:
+        if variable != -1:
+            unit = count * element_size(declared.datatype)
+            if unit == 0 or len(body) % unit:
+                raise InvalidInputError(
+                    f"raw input '{declared.name}': a body of {len(body)} bytes is not a whole "
+                    f"number of {declared.datatype} elements of shape {list(declared.dims)} "
+                    f"({unit} bytes per step of the variable dimension)"
+                )
+            shape[variable] = len(body) // unit
+        array = array_from_raw(declared.name, declared.datatype, tuple(shape), memoryview(body))
+    return (
+        InferRequest(
+            model_name=model_name,
+            model_version=model_version,
+            request_id="",
+            inputs={declared.name: array},
+            requested_outputs=(),
+            parameters={},
+            datatypes={declared.name: declared.datatype},
+        ),
+        OutputChoice(default_binary=True),
     )
 
 

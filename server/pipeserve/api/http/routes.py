@@ -23,6 +23,7 @@ from pipeserve.api.http import views
 from pipeserve.api.http.codec import (
     INFER_HEADER,
     decode_infer,
+    decode_raw,
     encode_infer,
     header_length,
     parse_json,
@@ -224,7 +225,10 @@ class Router:
         served = self._dp.lookup(name, version)
         body = decompress(request.body, request.headers.get(b"content-encoding"), self._limit)
         size = header_length(request.headers.get(INFER_HEADER), len(body))
-        infer_request, choice = decode_infer(name, version, body, size)
+        if size == 0:
+            infer_request, choice = decode_raw(name, version, body, served.spec)
+        else:
+            infer_request, choice = decode_infer(name, version, body, size)
         response = await self._dp.infer(served, infer_request)
         encoded = encode_infer(response, served.spec, choice)
         self._dp.check_response_size(served, encoded.size)
