@@ -12,6 +12,7 @@ import pytest
 from pipeserve.api.http.codec import (
     OutputChoice,
     decode_infer,
+    decode_raw,
     encode_infer,
     header_length,
 )
@@ -166,7 +167,7 @@ def test_shared_memory_is_unsupported():
 
 @pytest.mark.parametrize(
     ("value", "words"),
-    [(b"abc", "Unable to parse"), (b"-3", "range (0, 10]"), (b"11", "range (0, 10]")],
+    [(b"abc", "Unable to parse"), (b"-3", "range [0, 10]"), (b"11", "range [0, 10]")],
 )
 def test_header_length_is_checked(value, words):
     with pytest.raises(InvalidInputError, match=None) as info:
@@ -176,9 +177,30 @@ def test_header_length_is_checked(value, words):
     assert header_length(b" 10 ", 10) == 10
 
 
-def test_header_length_zero_is_a_raw_body_which_is_unsupported():
-    with pytest.raises(UnsupportedError, match="raw binary request"):
-        header_length(b"0", 10)
+def test_header_length_zero_is_a_raw_body():
+    assert header_length(b"0", 10) == 0
+
+
+def _one_input(datatype: str, dims: tuple[int, ...], max_batch: int) -> ModelSpec:
+    io = (TensorSpec("x", datatype, dims),)
+    return ModelSpec("m", 1, max_batch, io, (TensorSpec("y", datatype, dims),))
+
+
+@pytest.mark.parametrize(
+    ("dims", "max_batch", "size", "shape"),
+    [((-1,), 8, 20, (1, 5)), ((2, -1), 0, 24, (2, 3)), ((2, 3), 0, 24, (2, 3)), ((), 4, 4, (1,))],
+)
+def test_raw_body_shape_is_deduced_from_its_size(dims, max_batch, size, shape):
+    body = np.arange(size // 4, dtype=np.float32).tobytes()
+    request, choice = decode_raw("m", "", body, _one_input("FP32", dims, max_batch))
+    assert request.inputs["x"].shape == shape and request.requested_outputs == ()
+    assert request.inputs["x"].tobytes() == body
+    assert choice.is_binary("y")
+
+
+def test_raw_body_bytes_input_is_one_element():
+    request, _ = decode_raw("m", "", "hé".encode(), _one_input("BYTES", (1,), 2))
+    assert request.inputs["x"].shape == (1, 1) and request.inputs["x"][0, 0] == "hé"
 
 
 SPEC = ModelSpec("m", 1, 0, (), (TensorSpec("y", "FP32", (2,)), TensorSpec("s", "BYTES", (1,))))
