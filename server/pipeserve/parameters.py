@@ -129,7 +129,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "intra_op_thread_count",
         "integer >= 0",
-        "the cores less one, split between the CPU sessions (1 on CUDA)",
+        "the cores, split between the CPU sessions (1 on CUDA)",
         "onnxruntime threads within a node, per session (0: the default)",
         _count,
     ),
@@ -246,7 +246,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "pipeline_threads_per_stage",
         "integer >= 1",
-        "the cores less one, split between the CPU stages",
+        "the cores, split between the CPU stages",
         "intra-op threads of each CPU stage",
         _positive,
     ),
