@@ -41,6 +41,11 @@ class ModelRunner(Protocol):
         ...
 
 
+# A runner may also say `inline_safe = True`: `run(0, ...)` may then be called on the event loop
+# while every worker is idle (dynamic.py's inline execution of tiny batches). Runners without the
+# attribute (a pipeline, whose slots are its stages' threads) are only run by their workers.
+
+
 @dataclass(slots=True, eq=False)
 class Pending:
     """An accepted request waiting for (or in) execution."""

@@ -2,13 +2,14 @@
 scheduler so timings, statistics and error fan-out are the same whichever scheduler formed the
 batch.
 
-Runs on a scheduler's worker thread.
+Runs on a scheduler's worker thread, or on the event loop for a batch the loop runs itself
+(`on_loop`: dynamic.py's inline execution), which then sets the answers directly.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,11 +28,13 @@ def resolve(
     resolve_all([(pending, outputs, error)])
 
 
-def resolve_all(answers: Sequence[Answer]) -> None:
+def resolve_all(answers: Sequence[Answer], on_loop: bool = False) -> None:
     """Answer several requests with one wake-up of the event loop (each call_soon_threadsafe is a
     write to the loop's self-pipe; a batch of n would otherwise cost n). All of them belong to the
-    same loop: a server runs one event loop."""
-    if answers:
+    same loop: a server runs one event loop. `on_loop`: called on that loop, so set them now."""
+    if on_loop:
+        _set_all(answers)
+    elif answers:
         answers[0][0].loop.call_soon_threadsafe(_set_all, answers)
 
 
@@ -58,8 +61,15 @@ def execute_batch(
     batch: Sequence[Pending],
     spec: ModelSpec,
     observer: InferenceObserver,
+    on_loop: bool = False,
+    release: Callable[[int], None] | None = None,
 ) -> None:
     """Execute `batch` (already dequeued, in order) and answer every request in it.
+
+    `release(held_ns)`: called once the slot is free again (the runner has returned or raised,
+    or nothing was left to run: 0 ns), with the time the batch held it (gathering the inputs and
+    running), before any answer is posted, so a scheduler's book-keeping is current by the time
+    a client can send its next request.
 
     Cancelled requests are dropped before execution and counted as CANCELED failures. An exception
     from the runner fails every remaining request of the batch with ExecutionError.
@@ -71,6 +81,8 @@ def execute_batch(
         else:
             live.append(p)
     if not live:
+        if release is not None:
+            release(0)
         return
 
     t0 = time.monotonic_ns()
@@ -81,6 +93,8 @@ def execute_batch(
         outputs = runner.run(slot, inputs, wanted)
     except Exception as exc:  # any runtime failure fails the whole batch, the worker goes on
         t2 = time.monotonic_ns()
+        if release is not None:
+            release(t2 - t0)
         total = sum(p.request.batch_size for p in live)
         observer.execution_done(ExecutionTimings(total, t1 - t0, t2 - t1, 0))
         message = exc.message if isinstance(exc, PipeserveError) else str(exc)
@@ -90,6 +104,8 @@ def execute_batch(
             )
         return
     t2 = time.monotonic_ns()
+    if release is not None:
+        release(t2 - t0)
     try:
         parts = _split(live, outputs, spec)
     except PipeserveError as exc:
@@ -108,7 +124,7 @@ def execute_batch(
             request.batch_size, t3 - request.arrival_ns, p.dequeued_ns - request.arrival_ns, timings
         )
     observer.pending_changed(-len(live))
-    resolve_all([(p, result, None) for p, result in zip(live, parts, strict=True)])
+    resolve_all([(p, result, None) for p, result in zip(live, parts, strict=True)], on_loop)
 
 
 def _gather(live: Sequence[Pending], spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -68,6 +68,9 @@ class SessionInstances:
     `_upgrade` may swap it for a faster one at any time (a list item assignment: the worker either
     finishes on the old session or picks up the new one)."""
 
+    # Slot 0's session may be run on the event loop while every worker is idle (batching.base).
+    inline_safe = True
+
     def __init__(
         self,
         sessions: list[ort.InferenceSession],
