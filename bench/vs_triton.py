@@ -22,7 +22,8 @@ the window, from /proc): the per-request cost issue 15 asks to halve.
         /work/pytriton/lib/python3.11/site-packages/pytriton/tritonserver --rounds 2
 
 `--pipeserve-src DIR` serves another checkout's `server/` (e.g. a worktree of an older commit)
-for before/after figures in the same session.
+for before/after figures in the same session; `--before-src DIR` adds that checkout as a third
+server ("before") in the same rounds, so a change's before/after figures come from one run.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ ROWS = (
     ("convnet, c=8", "convnet", 8, False),
 )
 MODES = ("sync", "async")
-SERVERS = ("pipeserve", "triton")
 
 
 def add_one(path: Path) -> Path:
@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, help="row indices (default: all)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--pipeserve-src", type=Path, help="serve this checkout's server/")
+    parser.add_argument(
+        "--before-src", type=Path, help="also serve this checkout's server/ as 'before'"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/out/vs_triton.json"))
     args = parser.parse_args()
     if not perf_analyzer_usable():
@@ -216,6 +219,20 @@ def main() -> None:
             "pipeserve": stack.enter_context(
                 started(serve_command(repo), "pipeserve ready", r"grpc=\S+:(\d+)", env)
             ),
+            **(
+                {
+                    "before": stack.enter_context(
+                        started(
+                            serve_command(repo),
+                            "pipeserve ready",
+                            r"grpc=\S+:(\d+)",
+                            {**env, "PYTHONPATH": str(args.before_src.resolve() / "server")},
+                        )
+                    )
+                }
+                if args.before_src is not None
+                else {}
+            ),
             "triton": stack.enter_context(
                 started(
                     triton_reference.command(
@@ -234,7 +251,8 @@ def main() -> None:
         for r in range(args.rounds):
             for row in rows:
                 for mode in args.modes:
-                    order = SERVERS if r % 2 == 0 else SERVERS[::-1]
+                    names = tuple(servers)
+                    order = names if r % 2 == 0 else names[::-1]
                     for server in order:
                         port, pid = servers[server]
                         m = measure(f"127.0.0.1:{port}", pid, row, mode, args.window)
@@ -256,11 +274,13 @@ def render(results: list[dict], rows: list[tuple[str, str, int, bool]], modes: l
             x[key] for x in results if (x["row"], x["mode"], x["server"]) == (row, mode, server)
         )
 
+    before = any(x["server"] == "before" for x in results)
+    extra = " before infer/s | after/before | before p50 ms | before CPU us/req |"
     lines = [
         "| case | perf_analyzer mode | pipeserve infer/s | Triton infer/s | throughput ratio "
         "| pipeserve p50 ms | Triton p50 ms | p50 ratio | pipeserve CPU us/req "
-        "| Triton CPU us/req |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Triton CPU us/req |" + (extra if before else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 4 if before else ""),
     ]
     for label, *_ in rows:
         for mode in modes:
@@ -271,10 +291,16 @@ def render(results: list[dict], rows: list[tuple[str, str, int, bool]], modes: l
             pp, tp = med(label, mode, "pipeserve", "p50_us"), med(label, mode, "triton", "p50_us")
             pc = med(label, mode, "pipeserve", "cpu_us_per_request")
             tc = med(label, mode, "triton", "cpu_us_per_request")
-            lines.append(
+            line = (
                 f"| {label} | {mode} | {pt:,.0f} | {tt:,.0f} | {pt / tt:.2f} | {pp / 1000:.2f} "
                 f"| {tp / 1000:.2f} | {pp / tp:.2f} | {pc:,.0f} | {tc:,.0f} |"
             )
+            if before:
+                bt = med(label, mode, "before", "throughput")
+                bp = med(label, mode, "before", "p50_us")
+                bc = med(label, mode, "before", "cpu_us_per_request")
+                line += f" {bt:,.0f} | {pt / bt:.2f} | {bp / 1000:.2f} | {bc:,.0f} |"
+            lines.append(line)
     return "\n".join(lines)
 
 
