@@ -14,12 +14,16 @@ concurrency 32 >= Triton's HTTP throughput. Reports medians over rounds.
 
     .venv/bin/python bench/http_rest.py --triton \\
         /work/pytriton/lib/python3.11/site-packages/pytriton/tritonserver --rounds 2
+
+`--before-src DIR` adds an older checkout's server/ as a fourth variant ("before HTTP") in the
+same rounds: before/after of the REST path from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -48,7 +52,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window", type=float, default=2.0, help="seconds per perf window")
     parser.add_argument("--json", type=Path, default=Path("bench/out/http_rest.json"))
+    parser.add_argument("--before-src", type=Path, help="also serve this checkout's server/")
     args = parser.parse_args()
+    variants = VARIANTS + ((("before HTTP", "before", "http"),) if args.before_src else ())
     if not perf_analyzer_usable():
         sys.exit("perf_analyzer does not start here (see bench/loadgen.py)")
 
@@ -66,6 +72,14 @@ def main() -> None:
         http_port, _ = stack.enter_context(
             started(pipeserve_cmd, "pipeserve ready", r"http=\S+:(\d+)")
         )
+        before_port = 0
+        if args.before_src is not None:
+            before_cmd = [*serve_command(repo), "--http-port", "0"]
+            before_cmd.remove("--no-http")
+            env = {**os.environ, "PYTHONPATH": str(args.before_src.resolve() / "server")}
+            before_port, _ = stack.enter_context(
+                started(before_cmd, "pipeserve ready", r"http=\S+:(\d+)", env)
+            )
         triton_grpc, triton_http = _free_port(), _free_port()
         stack.enter_context(
             started(
@@ -85,12 +99,13 @@ def main() -> None:
             "pipeserve HTTP": f"127.0.0.1:{http_port}",
             "pipeserve gRPC": f"127.0.0.1:{grpc_port}",
             "Triton HTTP": f"127.0.0.1:{triton_http}",
+            "before HTTP": f"127.0.0.1:{before_port}",
         }
         results: list[dict] = []
         for r in range(args.rounds):
             for label, model, concurrency in ROWS:
                 shape = "x:" + ",".join(map(str, MODELS[model][0]))
-                order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+                order = variants if r % 2 == 0 else variants[::-1]
                 for variant, _, protocol in order:
                     load = run_perf_analyzer(
                         urls[variant], model, concurrency, args.window, shape, mode="sync",
@@ -104,22 +119,22 @@ def main() -> None:
                           f"p50 {load.p50_us / 1000:7.3f} ms", flush=True)  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
-    print(render(results))
+    print(render(results, variants))
 
 
-def render(results: list[dict]) -> str:
+def render(results: list[dict], variants: tuple[tuple[str, str, str], ...] = VARIANTS) -> str:
     def med(row: str, variant: str, key: str) -> float:
         return statistics.median(
             x[key] for x in results if (x["row"], x["variant"]) == (row, variant)
         )
 
     lines = [
-        "| case | " + " | ".join(f"{v} infer/s, p50 ms" for v, _, _ in VARIANTS) + " |",
-        "|---|" + "---|" * len(VARIANTS),
+        "| case | " + " | ".join(f"{v} infer/s, p50 ms" for v, _, _ in variants) + " |",
+        "|---|" + "---|" * len(variants),
     ]
     for row, _, _ in ROWS:
         cells = [
-            f"{med(row, v, 'thr'):,.0f}, {med(row, v, 'p50_us') / 1000:.3f}" for v, _, _ in VARIANTS
+            f"{med(row, v, 'thr'):,.0f}, {med(row, v, 'p50_us') / 1000:.3f}" for v, _, _ in variants
         ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     tiny, big = ROWS[0][0], ROWS[1][0]
