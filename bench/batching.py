@@ -11,9 +11,9 @@ next to two limits measured in the same run:
 One more row serves the delay-0 variant through grpc.aio (`--grpc-frontend grpcio`), so the
 transport's share of the result is visible in the same run.
 
-Load: perf_analyzer (closed loop, --async, batch 1 per request) where it runs, else the async
-tritonclient generator in bench/loadgen.py. Targets are measured in a rotating order within each
-repeat, so drift on a shared machine hits them alike; the table gives medians over repeats.
+Load: perf_analyzer (closed loop, --async unless `--mode sync`, batch 1 per request) where it
+runs, else the async tritonclient generator in bench/loadgen.py. Targets are measured in a
+rotating order within each repeat, so drift on a shared machine hits them alike; the table gives medians over repeats.
 
     .venv/bin/python bench/batching.py --repeats 2 --window 2
 """
@@ -224,9 +224,11 @@ class OrtTimer:
         return rows / sum(per_batch[size] * n for size, n in formed.items())
 
 
-def measure(url: str, model: str, concurrency: int, window: float, tool: str) -> Load:
+def measure(
+    url: str, model: str, concurrency: int, window: float, tool: str, mode: str = "async"
+) -> Load:
     if tool == "perf_analyzer":
-        return run_perf_analyzer(url, model, concurrency, window, f"x:{SIZES[0]}")
+        return run_perf_analyzer(url, model, concurrency, window, f"x:{SIZES[0]}", mode=mode)
     x = np.random.default_rng(1).standard_normal((1, SIZES[0])).astype(np.float32)
     return run_aio(url, model, concurrency, window, {"x": x})
 
@@ -237,6 +239,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0, help="seconds per window")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--loadgen", choices=["auto", "perf_analyzer", "aio"], default="auto")
+    parser.add_argument(
+        "--mode",
+        choices=["async", "sync"],
+        default="async",
+        help="perf_analyzer's mode (sync: its default, one thread per request in flight)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/out/batching.json"))
     parser.add_argument(
         "--intra-op-threads", type=int, default=0, help="per instance (0: server default)"
@@ -322,7 +330,7 @@ def main() -> None:
                         target_url = urls.get(target, url)
                         client = clients.get(target_url)
                         before = {} if client is None else formed_batches(client, name)
-                        load = measure(target_url, name, c, args.window, tool)
+                        load = measure(target_url, name, c, args.window, tool, args.mode)
                         formed = (
                             {} if client is None else delta(formed_batches(client, name), before)
                         )
