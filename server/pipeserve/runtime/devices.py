@@ -64,16 +64,10 @@ def place(requested: Sequence[Device], what: str) -> tuple[Device, ...]:
 
 
 def session_cores() -> int:
-    """Cores onnxruntime sessions may use when the config says nothing: all of them.
-
-    The intra-op threads never spin (sessions.py), and onnxruntime only splits an operator
-    across threads when its cost model says the work is worth it: a model whose nodes are tiny
-    runs on the calling thread and leaves the other cores to the event loop, while a
-    compute-bound one gets every core. Measured on 2 cores with pipeserve's own transport
-    (docs/benchmarks.md, issue 15): an 8-layer convnet +51% throughput against one thread, the
-    MLP level, the add-one model within noise. (Keeping a core for the front end, the rule
-    before, dated from the grpc.aio front end, whose per-RPC cost needed it.)"""
-    return available_cpus()
+    """Cores onnxruntime sessions may use by default: all but one, kept for the event loop and
+    the RPC path, which every request passes through. A model measured compute-bound at load
+    gets every core instead (runtime/compute_bound.py says why and what was measured)."""
+    return max(1, available_cpus() - 1)
 
 
 def split_cores(cpu_sessions: int, cores: int | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,15 @@ from pipeserve import parameters as table
 from pipeserve.errors import ConfigError
 from pipeserve.progress import LoadProgress
 from pipeserve.runtime.bf16 import run_with_ort_values, uses_bf16
-from pipeserve.runtime.devices import CPU, Device, instance_device, place
+from pipeserve.runtime.compute_bound import batch_one_ns, is_compute_bound
+from pipeserve.runtime.devices import (
+    CPU,
+    Device,
+    available_cpus,
+    instance_device,
+    place,
+    session_cores,
+)
 from pipeserve.runtime.sessions import (
     DEFAULT_SETTINGS,
     OrtSettings,
@@ -50,6 +58,9 @@ class InstancePlan:
     # intra_op_thread_count was given: every instance, CUDA ones too, uses it.
     intra_op_given: bool = False
     ort: OrtSettings = DEFAULT_SETTINGS
+    # Cores the CPU sessions share by the default rule (0: devices.session_cores()); every core
+    # once the model measured compute-bound at load (create_instances).
+    cores: int = 0
 
     def device(self, slot: int) -> Device:
         if self.devices:
@@ -60,7 +71,9 @@ class InstancePlan:
         """Slot's threads by the one rule (sessions.thread_budget)."""
         cpu_sessions = sum(1 for i in range(len(self.kinds)) if self.device(i).kind == "cpu")
         given = self.intra_op_threads if self.intra_op_given else None
-        return thread_budget(self.device(slot), cpu_sessions, given, self.inter_op_threads)
+        return thread_budget(
+            self.device(slot), cpu_sessions, given, self.inter_op_threads, self.cores or None
+        )
 
 
 class SessionInstances:
@@ -179,6 +192,36 @@ def plan_instances(
     )
 
 
+def _may_widen(plan: InstancePlan) -> bool:
+    """The default thread rule applies to slot 0's CPU session and every core is more."""
+    return (
+        not plan.intra_op_given
+        and not plan.cores
+        and plan.device(0).kind == "cpu"
+        and available_cpus() > session_cores()
+    )
+
+
+def _widened(
+    plan: InstancePlan, session: ort.InferenceSession, model_name: str
+) -> InstancePlan | None:
+    """`plan` with every core for the CPU sessions when the model is compute-bound (measured on
+    `session`, opened with the default budget), else None."""
+    measured = batch_one_ns(session)
+    if not is_compute_bound(measured):
+        return None
+    assert measured is not None
+    cores = available_cpus()
+    log.info(
+        "model '%s': a batch-1 run takes %.1f ms (compute-bound): its CPU sessions share all %d "
+        "cores (set intra_op_thread_count to choose)",
+        model_name,
+        measured / 1e6,
+        cores,
+    )
+    return replace(plan, cores=cores)
+
+
 def create_instances(
     model_path: Path,
     plan: InstancePlan,
@@ -217,6 +260,13 @@ def create_instances(
         fast = plan.fast_start and weight_files and plan.device(slot).kind == "cpu"
         try:
             session, weights, device = open_slot(slot, prepack=not fast)
+            if slot == 0 and _may_widen(plan):
+                widened = _widened(plan, session, model_name)
+                if widened is not None:  # open it again on every core
+                    plan = widened
+                    del session
+                    release_weights([weights] if weights is not None else [])
+                    session, weights, device = open_slot(slot, prepack=not fast)
         except BaseException:
             sessions.clear()  # the instances made so far, before the weights they read
             release_weights(mapped)

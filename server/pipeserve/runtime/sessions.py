@@ -251,15 +251,20 @@ class ThreadBudget:
 
 
 def thread_budget(
-    device: Device, cpu_sessions: int, intra_op: int | None = None, inter_op: int = 1
+    device: Device,
+    cpu_sessions: int,
+    intra_op: int | None = None,
+    inter_op: int = 1,
+    cores: int | None = None,
 ) -> ThreadBudget:
     """The thread-budget rule. `intra_op`: the config's count (None or 0: not given);
-    `cpu_sessions`: how many CPU sessions of the model run at once."""
+    `cpu_sessions`: how many CPU sessions of the model run at once; `cores`: the cores they
+    share (None: devices.session_cores(), every core for a compute-bound model)."""
     if intra_op:
         return ThreadBudget(intra_op, inter_op)
     if device.kind == "cuda":
         return ThreadBudget(1, inter_op)
-    return ThreadBudget(split_cores(cpu_sessions), inter_op)
+    return ThreadBudget(split_cores(cpu_sessions, cores), inter_op)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,69 @@
+"""Is a model compute-bound? Measured once at load, it decides the default thread count.
+
+The default thread rule (when `intra_op_thread_count` is not given): a CPU session gets the cores
+less one, split between the model's CPU sessions, so the event loop, which every request passes
+through (~100 us of CPU per request, docs/benchmarks.md), keeps a core while onnxruntime
+computes. A model whose batch-1 run takes at least WIDE_MIN_NS is compute-bound: at the rates it
+can be served, the front end needs a fraction of a core, and a core left to it would sit idle
+while the model waits for it; its sessions get every core instead.
+
+Measured on 2 cores (docs/benchmarks.md, issue 15): an 8-layer convnet (batch-1 run ~2.7 ms on
+one thread) served 1.3-1.4x faster on both cores; the MLP 512-2048-2048-512 (~0.7 ms) served as
+fast or faster on one thread (0.74-1.04x on two), as the front end's share of the CPU grows with
+its request rate; the add-one model (~0.01 ms) did not care. The limit sits between the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+WIDE_MIN_NS = 1_500_000
+_RUNS = 3
+
+# onnxruntime's input type names -> numpy (types not listed: the model is not measured).
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def batch_one_ns(session: ort.InferenceSession) -> int | None:
+    """Median time of a run on one zero-filled sample (every variable dimension 1, which counts
+    a model with variable sizes as cheap: it keeps the default), after one untimed run. None
+    when the inputs cannot be made or the run fails (then nothing changes)."""
+    feeds: dict[str, np.ndarray] = {}
+    for arg in session.get_inputs():
+        dtype = _DTYPES.get(arg.type)
+        if dtype is None:
+            return None
+        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
+        feeds[arg.name] = np.zeros(shape, dtype=dtype)
+    try:
+        session.run(None, feeds)  # first run: allocations, kernel selection
+        times = []
+        for _ in range(_RUNS):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            times.append(time.perf_counter_ns() - start)
+    except Exception as exc:  # zeros are not valid input for every model (indices, masks)
+        log.debug("batch-1 timing skipped: %s", exc)
+        return None
+    return int(statistics.median(times))
+
+
+def is_compute_bound(measured_ns: int | None) -> bool:
+    return measured_ns is not None and measured_ns >= WIDE_MIN_NS
