@@ -135,7 +135,9 @@ def test_exit_timeout_bounds_the_drain(
     the timeout; the requests it gives up on fail (UNAVAILABLE or CANCELLED) instead of hanging."""
     server = start_server(shutdown_repo, "--exit-timeout-secs", "0.5")
     client = client_for(server)
-    queued = 100  # several seconds of work at tens of ms each
+    # A few ms each on two cores (the slow model is compute-bound: it gets both): 200 still
+    # queued at the signal are a second or more of work, twice the timeout at least.
+    queued = 400
     futures = fire_slow_requests(client, "slow", queued)
     wait_for_queue(server, "slow", queued // 2)
     started = time.monotonic()
