@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -52,3 +53,11 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def conn(server: ServerProcess) -> Iterator[http.client.HTTPConnection]:
+    """A plain HTTP/1.1 connection to the module's `server` (REST tests written by hand)."""
+    c = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    yield c
+    c.close()

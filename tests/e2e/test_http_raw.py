@@ -52,13 +52,6 @@ def small(repo: Path) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-@pytest.fixture
-def conn(server: ServerProcess) -> Iterator[http.client.HTTPConnection]:
-    c = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    yield c
-    c.close()
-
-
 def post(
     c: http.client.HTTPConnection,
     body: bytes,

@@ -65,13 +65,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-@pytest.fixture
-def conn(server: ServerProcess) -> Iterator[http.client.HTTPConnection]:
-    c = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-    yield c
-    c.close()
-
-
 def post(
     c: http.client.HTTPConnection, model: str, body: bytes, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
