@@ -16,7 +16,6 @@ its request rate; the add-one model (~0.01 ms) did not care. The limit sits betw
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 WIDE_MIN_NS = 1_500_000
-_RUNS = 3
+_RUNS = 5
 
 # onnxruntime's input type names -> numpy (types not listed: the model is not measured).
 _DTYPES = {
@@ -42,9 +41,10 @@ _DTYPES = {
 
 
 def batch_one_ns(session: ort.InferenceSession) -> int | None:
-    """Median time of a run on one zero-filled sample (every variable dimension 1, which counts
-    a model with variable sizes as cheap: it keeps the default), after one untimed run. None
-    when the inputs cannot be made or the run fails (then nothing changes)."""
+    """Shortest of a few runs on one zero-filled sample (every variable dimension 1, which counts
+    a model with variable sizes as cheap: it keeps the default), after one untimed run: other
+    models loading at the same time only ever make a run slower. None when the inputs cannot be
+    made or the run fails (then nothing changes)."""
     feeds: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
         dtype = _DTYPES.get(arg.type)
@@ -62,7 +62,7 @@ def batch_one_ns(session: ort.InferenceSession) -> int | None:
     except Exception as exc:  # zeros are not valid input for every model (indices, masks)
         log.debug("batch-1 timing skipped: %s", exc)
         return None
-    return int(statistics.median(times))
+    return min(times)
 
 
 def is_compute_bound(measured_ns: int | None) -> bool:
