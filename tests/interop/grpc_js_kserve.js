@@ -3,7 +3,8 @@
 //
 //   node grpc_js_kserve.js PORT PROTO_DIR
 //
-// Uses the add_sub model of tests/e2e/conftest.py (OUTPUT0 = INPUT0 + INPUT1, FP32 [1,16]).
+// Uses the add_sub model of tests/e2e/conftest.py (OUTPUT0 = INPUT0 + INPUT1, FP32 [1,16]) and
+// the slow model of tests/e2e/lifecycle.py (x FP32 [1,64], milliseconds per request).
 // Prints one JSON object: {case name: {ok, ...what was seen}}.
 "use strict";
 
@@ -104,8 +105,15 @@ async function main() {
   cancelled.cancel();
   out.stream_cancel = { ok: (await cancelEnd) === grpc.status.CANCELLED };
 
-  // An expired deadline is DEADLINE_EXCEEDED; the next call is answered as usual.
-  const late = await call(c("ModelInfer"), request("late", a, b), { deadline: Date.now() + 1 });
+  // A deadline that expires while the server computes is DEADLINE_EXCEEDED; the next call is
+  // answered as usual.
+  const slow = {
+    model_name: "slow",
+    id: "late",
+    inputs: [{ name: "x", datatype: "FP32", shape: ["1", "64"] }],
+    raw_input_contents: [floats(new Array(64).fill(0.5))],
+  };
+  const late = await call(c("ModelInfer"), slow, { deadline: Date.now() + 1 });
   const after = await call(c("ModelInfer"), request("after", a, b));
   out.deadline = {
     ok: late.code === grpc.status.DEADLINE_EXCEEDED && after.res?.id === "after",

@@ -6,7 +6,7 @@
   too (the handlers that the deadline and the cancellation should stop were cancelled);
 - calls the KServe v2 API of the real server (tests/interop/grpc_js_kserve.js, stubs built by
   @grpc/proto-loader from proto/): metadata, ModelInfer alone and 64 at once, ModelStreamInfer,
-  a cancelled stream, an unknown model, an expired deadline.
+  a cancelled stream, an unknown model, a deadline that expires while the server holds the call.
 
 Needs `node` and `npm ci --prefix tests/interop` (CI does both, see .ci/run). Without them the
 test skips, naming what is missing; with PIPESERVE_TEST_REQUIRE_INTEROP=1 (set in CI) it fails
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import standard_repository
+from tests.e2e.lifecycle import SLOW_CONFIG, place_model, slow_model
 from tests.e2e.server import ServerProcess
 from tests.unit.h2_driver import start
 
@@ -114,7 +115,11 @@ def test_grpc_js_client_against_the_own_transport() -> None:
 
 def test_grpc_js_calls_the_kserve_api_of_the_real_server(tmp_path: Path) -> None:
     _require_or_skip()
-    server = ServerProcess(standard_repository(tmp_path), metrics=False).wait_ready()
+    repo = standard_repository(tmp_path)
+    # Milliseconds per request: a 1 ms deadline expires while the server holds the request (on
+    # add_sub the answer can come back inside it).
+    place_model(repo, "slow", {1: slow_model()}, SLOW_CONFIG)
+    server = ServerProcess(repo, metrics=False).wait_ready()
     try:
         done = subprocess.run(
             ["node", str(KSERVE_SCRIPT), str(server.grpc_port), str(PROTO)],
