@@ -20,7 +20,8 @@ no call_soon_threadsafe, two thread switches fewer per batch. The loop blocks fo
 execution, which is why only tiny models qualify. While such a batch is pending, every request
 joins one (never the queue), so a worker never runs beside it: a slot still runs one batch at a
 time. Only for the plain policy (one priority level, no queue timeouts, no delay, no ordering,
-no shape grouping, fixed mode) and a runner that allows it (ModelRunner.inline_safe).
+no shape grouping, fixed mode), inputs without variable dims, and a runner that allows it
+(batching.base: `inline_safe`).
 
 Timeouts: a request's queue deadline comes from its level's policy (queues.py). REJECT deadlines
 also get a loop timer, so a request is answered "Request timeout expired" on time even while every
@@ -112,6 +113,9 @@ class DynamicBatcher(Scheduler):
             and not policy.preserve_ordering
             and policy.priority_levels == 1
             and not self._keyed
+            # Fixed dims only: then a batch's size, so its run time, is bounded by
+            # max_batch_size; a variable dim would let one large request hold the loop.
+            and not any(-1 in s.dims for s in spec.inputs)
             and policy.queue_policies[0].default_timeout_us == 0
             and not policy.queue_policies[0].allow_timeout_override
         )

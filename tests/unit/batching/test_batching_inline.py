@@ -204,3 +204,22 @@ def test_a_failed_inline_batch_answers_each_request_with_the_error() -> None:
         await batcher.close()
 
     run(body())
+
+
+def test_a_model_with_a_variable_dimension_never_runs_on_the_loop() -> None:
+    """Without batching nothing groups shapes, and one large request could hold the loop."""
+
+    async def body() -> None:
+        runner = ImmediateRunner()
+        model = spec(dims=(1, -1), max_batch_size=0)
+        batcher = DynamicBatcher(
+            model, runner, ModelStats(), policy("dynamic_batching { }", model),
+            inline_max_ns=NEVER_SLOW_NS,
+        )  # fmt: skip
+        for i in range(3):
+            req = request(i, width=1 + i)  # [1, 1 + i]: every request its own size
+            assert (await batcher.submit(req))["y"][0, 0] == 2 * i
+        assert runner.batches and all(not on_loop for on_loop, _ in runner.batches)
+        await batcher.close()
+
+    run(body())
