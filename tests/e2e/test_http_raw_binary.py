@@ -28,38 +28,23 @@ def _config(name: str, max_batch: int, datatype: str, dims: str) -> str:
     )
 
 
+# name -> (ONNX element type, ONNX dims, max_batch_size, config data_type, config dims)
+ONE_INPUT_MODELS = {
+    "vector": (TensorProto.FLOAT, ["batch", "n"], 8, "TYPE_FP32", "[ -1 ]"),
+    "fixed": (TensorProto.FLOAT, [2, 3], 0, "TYPE_FP32", "[ 2, 3 ]"),
+    "matrix": (TensorProto.FLOAT, ["a", "b"], 0, "TYPE_FP32", "[ -1, -1 ]"),
+    "blob": (TensorProto.STRING, [1], 0, "TYPE_STRING", "[ 1 ]"),
+    "strings": (TensorProto.STRING, [3], 0, "TYPE_STRING", "[ 3 ]"),
+}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("raw_repo")
-    f32 = TensorProto.FLOAT
-    om.write_model(
-        root,
-        "vector",
-        om.identity(f32, ["batch", "n"]),
-        config=_config("vector", 8, "TYPE_FP32", "[ -1 ]"),
-    )
-    om.write_model(
-        root, "fixed", om.identity(f32, [2, 3]), config=_config("fixed", 0, "TYPE_FP32", "[ 2, 3 ]")
-    )
-    om.write_model(
-        root,
-        "matrix",
-        om.identity(f32, ["a", "b"]),
-        config=_config("matrix", 0, "TYPE_FP32", "[ -1, -1 ]"),
-    )
-    om.write_model(
-        root,
-        "blob",
-        om.identity(TensorProto.STRING, [1]),
-        config=_config("blob", 0, "TYPE_STRING", "[ 1 ]"),
-    )
-    om.write_model(
-        root,
-        "strings",
-        om.identity(TensorProto.STRING, [3]),
-        config=_config("strings", 0, "TYPE_STRING", "[ 3 ]"),
-    )
-    om.write_model(root, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)  # fmt: skip
+    for name, (elem, dims, max_batch, datatype, config_dims) in ONE_INPUT_MODELS.items():
+        config = _config(name, max_batch, datatype, config_dims)
+        om.write_model(root, name, om.identity(elem, dims), config=config)
+    om.write_model(root, "add_sub", om.add_sub(), config=om.ADD_SUB_CONFIG)
     proc = ServerProcess(root).wait_ready()
     yield proc
     proc.stop()
