@@ -21,6 +21,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from pipeserve.tensors import numpy_dtype, triton_from_ort_type
+
 log = logging.getLogger(__name__)
 
 WIDE_MIN_NS = 1_500_000
@@ -28,18 +30,9 @@ _RUNS = 5
 # A first run this slow settles it at once: a big model's load is not held up by more runs.
 _CLEARLY_NS = 20 * WIDE_MIN_NS
 
-# onnxruntime's input type names -> numpy (types not listed: the model is not measured).
-_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+# Datatypes that do not reach onnxruntime as plain numeric arrays (object arrays, OrtValues):
+# a model with such an input is not measured.
+_UNMEASURED = frozenset({"BYTES", "BF16"})
 
 
 def batch_one_ns(session: ort.InferenceSession) -> int | None:
@@ -51,11 +44,14 @@ def batch_one_ns(session: ort.InferenceSession) -> int | None:
     the run fails (then nothing changes)."""
     feeds: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
-        dtype = _DTYPES.get(arg.type)
-        if dtype is None:
+        try:
+            datatype = triton_from_ort_type(arg.type)
+        except ValueError:
+            return None
+        if datatype in _UNMEASURED:
             return None
         shape = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
-        feeds[arg.name] = np.zeros(shape, dtype=dtype)
+        feeds[arg.name] = np.zeros(shape, dtype=numpy_dtype(datatype))
     try:
         start = time.perf_counter_ns()
         session.run(None, feeds)  # the first run also allocates and picks kernels
