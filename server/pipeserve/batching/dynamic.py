@@ -124,7 +124,8 @@ class DynamicBatcher(Scheduler):
         self._execution_ns = 0.0
         # Batches the loop will run at its next turn, in order; each at most max_batch_size.
         self._inline: list[list[Entry]] = []
-        self._inline_items = 0
+        self._inline_items = 0  # in all of them
+        self._inline_last = 0  # in the last one
         self._workers = start_workers(spec, runner, self._work)
 
     # --- event loop side --------------------------------------------------------------------
@@ -161,46 +162,39 @@ class DynamicBatcher(Scheduler):
         return pending.future
 
     def _join_inline(self, entry: Entry, loop: asyncio.AbstractEventLoop) -> bool:
-        """Add `entry` to a batch the loop runs itself (module docstring); False: queue it."""
+        """Add `entry` to a batch the loop runs itself (module docstring); False: queue it.
+
+        Only the first request of a loop turn looks at the workers' side (under the lock):
+        from then on every request joins here and none is queued, so no worker can start a
+        batch before _run_inline has run (the loop runs no submit meanwhile)."""
         if not self._inline:
             if not 0 < self._execution_ns < self._inline_max_ns:
                 return False
             with self._lock:
                 if self._closing or self._queues.queued or self._executing:
                     return False
-                self._executing += entry.size  # no worker takes a batch from here on
             self._inline.append([])
+            self._inline_last = 0
             loop.call_soon(self._run_inline)
-        else:
-            if self._inline_items >= self._queues.policy(0).max_queue_size:
-                raise QueueFullError()
-            with self._lock:
-                self._executing += entry.size
-        batch = self._inline[-1]
-        if sum(e.size for e in batch) + entry.size > self._policy.max_batch_size:
-            batch = []
-            self._inline.append(batch)
+        elif self._inline_items >= self._queues.policy(0).max_queue_size:
+            raise QueueFullError()
+        if self._inline_last + entry.size > self._policy.max_batch_size:
+            self._inline.append([])
+            self._inline_last = 0
         entry.state = State.TAKEN
-        batch.append(entry)
+        self._inline[-1].append(entry)
+        self._inline_last += entry.size
         self._inline_items += entry.size
         return True
 
     def _run_inline(self) -> None:
-        """On the loop: run the batches _join_inline formed, in order, then give the model back
-        to the workers."""
-        batches, self._inline = self._inline, []
-        items, self._inline_items = self._inline_items, 0
-        try:
-            for batch in batches:
-                started = self._clock()
-                for e in batch:
-                    e.pending.dequeued_ns = started
-                self._execute(0, [e.pending for e in batch], True, self._record_execution)
-        finally:
-            with self._lock:
-                self._executing -= items
-                if self._former_waiting:
-                    self._cond.notify()  # anything queued meanwhile is the workers' again
+        """On the loop: run the batches _join_inline formed, in order."""
+        batches, self._inline, self._inline_items = self._inline, [], 0
+        for batch in batches:
+            started = self._clock()
+            for e in batch:
+                e.pending.dequeued_ns = started
+            self._execute(0, [e.pending for e in batch], True, self._record_execution)
 
     def _execute(
         self,
