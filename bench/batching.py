@@ -13,7 +13,8 @@ transport's share of the result is visible in the same run.
 
 Load: perf_analyzer (closed loop, --async unless `--mode sync`, batch 1 per request) where it
 runs, else the async tritonclient generator in bench/loadgen.py. Targets are measured in a
-rotating order within each repeat, so drift on a shared machine hits them alike; the table gives medians over repeats.
+rotating order within each repeat, so drift on a shared machine hits them alike; the table gives
+medians over repeats.
 
     .venv/bin/python bench/batching.py --repeats 2 --window 2
 """

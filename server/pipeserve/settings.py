@@ -12,6 +12,7 @@ restriction rules.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,8 @@ MAX_MESSAGE_LIMIT = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # asyncio: pipeserve's own HTTP/2 transport (api/h2); grpcio: grpc.aio, the reference one.
 GRPC_FRONTENDS = ("asyncio", "grpcio")
+# auto: uvloop where it is installed (a dependency on Linux and macOS), else asyncio's own loop.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 # none: load all at start; poll: also rescan; explicit: load/unload RPCs.
 CONTROL_MODES = ("none", "poll", "explicit")
 ENV_PREFIX = "PIPESERVE_"
@@ -121,6 +124,12 @@ class Settings:
         "gRPC transport: asyncio (pipeserve's own HTTP/2, several times less CPU per request) "
         "or grpcio (grpc.aio)",
         choices=GRPC_FRONTENDS,
+    )
+    event_loop: str = option(
+        "auto",
+        "event loop: uvloop (less CPU per request, most on HTTP/REST), asyncio (the standard "
+        "library's), or auto: uvloop where it is installed",
+        choices=EVENT_LOOPS,
     )
     # ---- what gRPC clients can make the server hold (api/h2/limits.py; docs/operations.md).
     # Each is a field of H2Limits named without the grpc_ prefix (_secs for its _s); the ones
@@ -297,6 +306,13 @@ class Settings:
                 "max_message_bytes",
             )
         _check_choice(self, "grpc_frontend")
+        _check_choice(self, "event_loop")
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise SettingsError(
+                "event-loop uvloop: the uvloop package is not installed "
+                "(pip install uvloop, or --event-loop asyncio)",
+                "event_loop",
+            )
         if not self.server_name.strip():
             raise SettingsError("server-name must not be empty", "server_name")
         if self.http_max_connections < 1:

@@ -1,9 +1,11 @@
 """The two gRPC front ends (pipeserve's own HTTP/2 transport, the default, and grpc.aio) serve
-the same protocol: same answers, same errors, streams, statistics, health. Plus what only the
-transport sees: compressed requests and a client that does not speak HTTP/2."""
+the same protocol: same answers, same errors, streams, statistics, health; so do the two event
+loops (uvloop, the default where installed, and asyncio's own). Plus what only the transport
+sees: compressed requests and a client that does not speak HTTP/2."""
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -58,6 +60,29 @@ def test_both_front_ends_answer_alike(repo, start_server: Callable[..., ServerPr
         "Request for unknown model: 'nope' is not found",
     )
     assert answers["inference_count"] == 7 and len(answers["stream"]) == 4  # type: ignore[arg-type]
+
+
+def _rest_infer(server: ServerProcess) -> object:
+    body = {"inputs": [
+        {"name": n, "shape": [1, 16], "datatype": "FP32", "data": [float(i) for i in range(16)]}
+        for n in ("INPUT0", "INPUT1")
+    ]}  # fmt: skip
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/add_sub/infer", data=json.dumps(body).encode()
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())["outputs"]
+
+
+def test_both_event_loops_answer_alike(repo, start_server: Callable[..., ServerProcess]) -> None:  # type: ignore[no-untyped-def]
+    default = start_server(repo)
+    standard = start_server(repo, "--event-loop", "asyncio")
+    assert "event loop: uvloop" in default.output()
+    assert "event loop: asyncio" in standard.output()
+    assert _exchange(default.url) == _exchange(standard.url)
+    outputs = _rest_infer(default)
+    assert outputs == _rest_infer(standard)
+    assert outputs[0]["data"] == [2.0 * i for i in range(16)]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])

@@ -3,6 +3,7 @@ with clear messages and exit status 2, and `pipeserve health` exit codes."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -47,6 +48,7 @@ def test_serve_defaults_follow_triton() -> None:
     assert args.max_message_bytes == MAX_MESSAGE_LIMIT == 2**31 - 1
     assert args.exit_timeout_secs == 30.0
     assert args.grpc_frontend == "asyncio"
+    assert args.event_loop == "auto"
 
 
 def test_server_name_and_strict_readiness(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -191,6 +193,7 @@ def test_missing_repository_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--repository-poll-secs", "soon"], "invalid float value: 'soon'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["--grpc-frontend", "h3"], "argument --grpc-frontend: invalid choice: 'h3'"),
+        (["--event-loop", "trio"], "argument --event-loop: invalid choice: 'trio'"),
     ],
 )
 def test_unparseable_flags_exit_2(
@@ -239,6 +242,8 @@ def test_settings_reject_bad_values_directly(tmp_path: Path) -> None:
         Settings(model_repository=tmp_path, log_level="LOUD")
     with pytest.raises(SettingsError, match="grpc-frontend must be one of asyncio, grpcio"):
         Settings(model_repository=tmp_path, grpc_frontend="h3")
+    with pytest.raises(SettingsError, match="event-loop must be one of auto, uvloop, asyncio"):
+        Settings(model_repository=tmp_path, event_loop="trio")
     settings = Settings(model_repository=tmp_path, grpc_port=0, metrics_port=0)
     with pytest.raises(AttributeError):
         settings.grpc_port = 1  # type: ignore[misc]  # frozen
@@ -368,3 +373,15 @@ def test_a_bad_flag_value_does_not_blame_the_environment(
 def test_help_speaks_to_users() -> None:
     top = build_parser().format_help()
     assert "Triton" in top and "->" not in top
+
+
+def test_event_loop_uvloop_needs_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    with pytest.raises(SettingsError, match="the uvloop package is not installed"):
+        Settings(model_repository=tmp_path, event_loop="uvloop")
+    assert Settings(model_repository=tmp_path, event_loop="auto").event_loop == "auto"
