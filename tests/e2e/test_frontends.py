@@ -150,6 +150,12 @@ def _every_rpc(url: str) -> dict[str, object]:
         bad = spb.ModelInferRequest(model_name="add_sub")
         bad.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
         call("ModelInfer/bad", "ModelInfer", bad)
+        # Refused at validation and at lookup: on the own transport both leave before queueing.
+        unknown_output = spb.ModelInferRequest()
+        unknown_output.CopyFrom(request)
+        unknown_output.outputs.add(name="NOPE")
+        call("ModelInfer/unknown output", "ModelInfer", unknown_output)
+        call("ModelInfer/unknown model", "ModelInfer", spb.ModelInferRequest(model_name="nope"))
         replies = list(stub.ModelStreamInfer(iter([request, bad]), timeout=30))
         out["ModelStreamInfer"] = sorted(
             (r.error_message, r.infer_response.id, len(r.infer_response.raw_output_contents))
@@ -195,5 +201,7 @@ def test_every_rpc_answers_alike_on_both_front_ends(
     assert len(own["methods"]) == 20  # type: ignore[arg-type]
     assert own["ModelInfer"][0] == "OK"  # type: ignore[index]
     assert own["ModelInfer/bad"][0] == "INVALID_ARGUMENT"  # type: ignore[index]
+    assert own["ModelInfer/unknown output"][0] == "INVALID_ARGUMENT"  # type: ignore[index]
+    assert own["ModelInfer/unknown model"][0] == "NOT_FOUND"  # type: ignore[index]
     assert own["RepositoryModelLoad"] == ("OK", "")
     assert own["SystemSharedMemoryStatus"][0] == "UNIMPLEMENTED"  # type: ignore[index]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import hpack
 
+from pipeserve.api.context import DirectResult, DirectUnary, Refused
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.server import H2Server
 
@@ -29,6 +30,7 @@ class EchoService:
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
         self.started = asyncio.Event()
+        self.direct = DirectService()
 
     async def echo(self, request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
         return request
@@ -77,10 +79,75 @@ class EchoService:
         }
 
 
-async def start(max_message: int = 64 << 20) -> tuple[H2Server, EchoService, int]:
-    server = H2Server(max_receive=max_message, max_send=max_message)
+class DirectService:
+    """Unary methods served through api.context.DirectUnary (no task per call). DirectEcho:
+    answers the request once the loop turns. DirectWait: never answers (its futures are kept,
+    so a test sees them cancelled). DirectRefuse: refused at start. DirectFail: refused by its
+    finisher. DirectBoom: raises an unexpected error at start."""
+
+    def __init__(self) -> None:
+        self.waiting: list[asyncio.Future[bytes]] = []
+
+    def echo(self, request: bytes) -> DirectResult:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_result, request)
+        return future, _result
+
+    def wait(self, request: bytes) -> DirectResult:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiting.append(future)
+        return future, _result
+
+    def refuse(self, request: bytes) -> DirectResult:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "refused: ünïcode 100%")
+
+    def fail(self, request: bytes) -> DirectResult:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        future.set_result(request)
+
+        def finisher(done: asyncio.Future[bytes]) -> bytes:
+            raise Refused(grpc.StatusCode.INTERNAL, f"failed after {len(done.result())} bytes")
+
+        return future, finisher
+
+    def boom(self, request: bytes) -> DirectResult:
+        raise RuntimeError("a bug")
+
+    def methods(self) -> dict[str, DirectUnary]:
+        return {
+            "DirectEcho": self.echo,
+            "DirectWait": self.wait,
+            "DirectRefuse": self.refuse,
+            "DirectFail": self.fail,
+            "DirectBoom": self.boom,
+        }
+
+
+def _result(future: asyncio.Future[bytes]) -> bytes:
+    return future.result()
+
+
+async def _never(request: bytes, context) -> bytes:  # type: ignore[no-untyped-def]
+    raise AssertionError("the own transport runs the direct handler, not this one")
+
+
+async def start(
+    max_message: int = 64 << 20, max_send: int | None = None
+) -> tuple[H2Server, EchoService, int]:
+    server = H2Server(
+        max_receive=max_message, max_send=max_message if max_send is None else max_send
+    )
     service = EchoService()
     server.add_registered_method_handlers(SERVICE, service.handlers())
+    direct = service.direct
+    # Direct methods: registered as ordinary ones too (their serializers, grpc.aio's path).
+    kw = dict(request_deserializer=_same, response_serializer=_same)
+    server.add_registered_method_handlers(
+        SERVICE,
+        {name: grpc.unary_unary_rpc_method_handler(_never, **kw) for name in direct.methods()},
+    )
+    for name, handler in direct.methods().items():
+        server.add_direct_unary(SERVICE, name, handler)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, service, port

@@ -89,3 +89,17 @@ def test_http_rules_use_the_bare_key_and_say_api(tmp_path) -> None:  # type: ign
     with pytest.raises(SettingsError, match="--http-disable-api: unknown") as bad:
         Settings(model_repository=tmp_path, http_disable_api=("nope",))
     assert bad.value.setting == "http_disable_api"
+
+
+def test_restricted_servicer_keeps_direct_handlers_only_for_open_rpcs() -> None:
+    """A direct handler (no task, no metadata) must never stand in for a checked RPC."""
+    from pipeserve.api.restricted import restrict
+
+    class Servicer:
+        def direct_methods(self) -> dict[str, object]:
+            return {"ModelInfer": object(), "Unlisted": object()}
+
+    open_inference = restrict(Servicer(), parse(["model-repository:admin-key=s3cret"]))
+    assert list(open_inference.direct_methods()) == ["ModelInfer"]  # an unknown RPC: never
+    closed = restrict(Servicer(), parse(["inference:admin-key=s3cret"]))
+    assert closed.direct_methods() == {}

@@ -7,7 +7,8 @@ the own transport first; `tests/e2e/test_frontends.py` runs every RPC on both fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -31,3 +32,20 @@ class ServicerContext(Protocol):
     def peer(self) -> str:
         """The client's address as gRPC writes it: `ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`."""
         ...
+
+
+class Refused(Exception):
+    """What a direct handler (below) raises to end its call with a status instead of a message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+# A unary RPC the own transport runs without a task or a coroutine: called with the request
+# message, it validates and queues the work at once and returns a future with the function that
+# turns that future, once done, into the response message. Both raise Refused to answer with a
+# status. grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
+DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], Any]]
+DirectUnary = Callable[[Any], DirectResult]

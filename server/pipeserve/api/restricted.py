@@ -70,6 +70,17 @@ class RestrictedServicer:
         self._servicer = servicer
         self._restrictions = restrictions
 
+    def direct_methods(self) -> dict[str, Any]:
+        """The servicer's task-free handlers (api.context.DirectUnary) of the RPCs no rule
+        restricts. A restricted RPC runs its checked async handler instead: a direct handler
+        never sees the call's metadata, so it could not check it."""
+        direct: dict[str, Any] = getattr(self._servicer, "direct_methods", dict)()
+        return {
+            name: handler
+            for name, handler in direct.items()
+            if name in RPC_GROUPS and RPC_GROUPS[name] not in self._restrictions.rules
+        }
+
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._servicer, name)
         group = RPC_GROUPS.get(name)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from pipeserve.api.context import ServicerContext
+from pipeserve.api.context import Refused, ServicerContext
 from pipeserve.errors import (
     ConfigError,
     ExecutionError,
@@ -51,20 +51,27 @@ def status_code(error: PipeserveError) -> grpc.StatusCode:
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def refusal(exc: Exception, where: str) -> Refused:
+    """The status a handler's exception answers with: domain errors by the table above,
+    anything else INTERNAL, logged (call it inside the `except`), never a traceback sent to the
+    client."""
+    if isinstance(exc, PipeserveError):
+        return Refused(status_code(exc), exc.message)
+    log.exception("unexpected error in %s", where)
+    return Refused(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+
 def guarded(method: F) -> F:
-    """Turn domain errors into status codes; anything else into INTERNAL, logged, never a
-    traceback sent to the client."""
+    """An async handler's exceptions become their status (`refusal`)."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except PipeserveError as exc:
-            await context.abort(status_code(exc), exc.message)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            refused = refusal(exc, method.__name__)
+            await context.abort(refused.code, refused.details)
 
     return wrapper  # type: ignore[return-value]

@@ -13,6 +13,7 @@ reload can slip in between the lookup and the submit (see registry.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,10 +176,24 @@ class DataPlane:
     async def infer(self, served: ServedVersion, request: InferRequest) -> InferResponse:
         """Validate and queue `request` on `served` (synchronously: call it right after `lookup`,
         with no await between), then wait for its outputs."""
+        outputs = await self.submit(served, request)
+        return self.respond(served, request, outputs)
+
+    def submit(
+        self, served: ServedVersion, request: InferRequest
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        """`infer`'s first half, for callers that wait without a coroutine: validate and queue
+        now (raises PipeserveError when refused), the future holds the outputs; hand them to
+        `respond`. Cancelling the future drops a request that has not run yet."""
         if request.classification:
             declared = {o.name: o.datatype for o in served.spec.outputs}
             check_requested(request.classification, declared, served.name)
-        outputs = await served.submit(request)
+        return served.submit(request)
+
+    def respond(
+        self, served: ServedVersion, request: InferRequest, outputs: dict[str, np.ndarray]
+    ) -> InferResponse:
+        """`infer`'s second half: the response to `request` from its outputs."""
         if request.classification:
             outputs = self._classified(served, request.classification, outputs)
         return InferResponse(

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from pipeserve.api.context import DirectUnary, Refused
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import Stream
 
@@ -117,7 +118,8 @@ class Limits:
 
 
 class Call:
-    """One RPC. Receives the stream's bytes, runs the handler in a task, answers."""
+    """One RPC. Receives the stream's bytes, runs the handler in a task (or, for a unary
+    method with a direct handler, waits on its future with a callback), answers."""
 
     __slots__ = (
         "stream",
@@ -135,6 +137,9 @@ class Call:
         "withheld",
         "wbits",
         "charged",
+        "direct",
+        "future",
+        "finisher",
     )
 
     def __init__(
@@ -144,6 +149,7 @@ class Call:
         headers: dict[bytes, bytes],
         limits: Limits,
         on_done: Callable[[Call], None],
+        direct: DirectUnary | None = None,
     ) -> None:
         self.stream = stream
         self.method = method
@@ -160,11 +166,15 @@ class Call:
         self.withheld = 0  # bytes received but not credited back while `queued` is high
         self.wbits: int | None = None  # zlib window bits of the request's grpc-encoding
         self.charged = 0  # this call's share of limits.inflight
+        self.direct = direct
+        # A direct handler's work in progress, and what makes the response of it.
+        self.future: asyncio.Future[Any] | None = None
+        self.finisher: Callable[[asyncio.Future[Any]], Any] | None = None
 
     # ---- set-up (the endpoint calls this right after opening the stream) -------------------
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        # No get_running_loop() unless needed: on Python 3.11 it costs a getpid() syscall.
         encoding = self.headers.get(b"grpc-encoding", b"identity")
         if encoding != b"identity":
             self.wbits = _WBITS.get(encoding)
@@ -181,10 +191,10 @@ class Call:
             if seconds is None:
                 self.finish(grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
                 return
-            self.timer = loop.call_later(seconds, self._expire)
+            self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
         if self.method.request_streaming:
             self.messages = asyncio.Queue()
-            self.task = loop.create_task(self._run(self._requests()))
+            self.task = asyncio.get_running_loop().create_task(self._run(self._requests()))
 
     # ---- receiving (CallSink) -------------------------------------------------------------
 
@@ -289,8 +299,43 @@ class Call:
         except Exception as exc:
             self.finish(grpc.StatusCode.INTERNAL, f"could not parse the request message: {exc}")
             return
-        if self.task is None:
+        if self.direct is not None:
+            self._start_direct(request)
+        elif self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run(request))
+
+    # ---- direct handlers (no task) ----------------------------------------------------------
+
+    def _start_direct(self, request: Any) -> None:
+        assert self.direct is not None
+        try:
+            future, self.finisher = self.direct(request)
+        except Refused as exc:
+            self.finish(exc.code, exc.details)
+            return
+        except Exception as exc:
+            self._unexpected(exc)
+            return
+        self.future = future
+        future.add_done_callback(self._direct_done)
+
+    def _direct_done(self, future: asyncio.Future[Any]) -> None:
+        self.future = None
+        if future.cancelled():
+            self._end_cancelled()
+            return
+        assert self.finisher is not None
+        finisher, self.finisher = self.finisher, None
+        try:
+            response = finisher(future)
+            self.stream.send(self._framed(self.method.response_serializer(response)), _OK_TRAILERS)
+            self._done()
+        except Refused as exc:
+            self.finish(exc.code, exc.details)
+        except _TooLarge as exc:
+            self.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Exception as exc:
+            self._unexpected(exc)
 
     def _size_ok(self, data: bytes | bytearray | memoryview) -> bool:
         size = int.from_bytes(data[1:_PREFIX], "big")
@@ -446,6 +491,9 @@ class Call:
         if self.task is not None and not self.task.done():
             self.cancel_reason = self.cancel_reason or _RESET
             self.task.cancel()
+        if self.future is not None:
+            self.cancel_reason = self.cancel_reason or _RESET
+            self.future.cancel()  # drops the queued work; the call has its answer
 
     def reset(self) -> None:
         """The client reset the stream or the connection went away."""
@@ -454,6 +502,11 @@ class Call:
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+        if self.future is not None:
+            # Drops work not yet run; _direct_done answers. Work already done answers as
+            # finished (its callback is queued), as a task past its last await would.
+            self.future.cancel()
+            return
         if self.task is not None and not self.task.done():
             self.task.cancel()  # the task answers through _end_cancelled
             if self.started:
@@ -499,8 +552,12 @@ class Call:
         except asyncio.CancelledError:
             self._end_cancelled()
         except Exception as exc:
-            log.exception("unexpected error in %s", self.headers.get(b":path", b"?").decode())
-            self.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            self._unexpected(exc)
+
+    def _unexpected(self, exc: Exception) -> None:
+        """A handler failed outside its own error mapping: logged (call it in the `except`)."""
+        log.exception("unexpected error in %s", self.headers.get(b":path", b"?").decode())
+        self.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
     def _framed(self, payload: bytes) -> bytes:
         """One response message with its gRPC prefix; raises _TooLarge over the send limit."""

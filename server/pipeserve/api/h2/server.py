@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import grpc
 
+from pipeserve.api.context import DirectUnary
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2 import rules
 from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
@@ -90,6 +91,7 @@ class H2Server:
             self.limits.max_decompressed_bytes,
         )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
+        self._direct: dict[bytes, DirectUnary] = {}
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
@@ -107,6 +109,11 @@ class H2Server:
     ) -> None:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}".encode()] = handler
+
+    def add_direct_unary(self, service: str, name: str, handler: DirectUnary) -> None:
+        """Runs unary method `name` (registered as above too) through `handler` without a task
+        per call (api.context.DirectUnary); its message serializer stays the registered one."""
+        self._direct[f"/{service}/{name}".encode()] = handler
 
     def add_insecure_port(self, address: str) -> int:
         """Binds `host:port` (`[v6]:port` too; port 0 picks one) on every address the host
@@ -228,7 +235,7 @@ class H2Server:
                 )
             )
             return _ANSWERED
-        call = Call(stream, method, headers, self._limits, self._call_done)
+        call = Call(stream, method, headers, self._limits, self._call_done, self._direct.get(path))
         self._calls.add(call)
         call.start()
         return call
