@@ -13,7 +13,7 @@ import asyncio
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -57,7 +57,6 @@ class Pending:
     dequeued_ns: int = 0
     # Absolute monotonic deadline in ns for leaving the queue (0 = none).
     deadline_ns: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     def cancelled(self) -> bool:
         # Read from worker threads: a stale "not done" only means we execute a request whose

@@ -198,35 +198,39 @@ class ClosedStreams:
     a peer from growing this; a stream older than a few thousand closures is long past the
     round trip in which the peer could still have had frames in flight for it.
 
-    Plain dicts (insertion order is closing order) trimmed by half when full: one dict store
-    per closed stream on the hot path, the trim amortised over thousands of closures."""
+    Two generations of each: when the newest holds `CLOSED_REMEMBERED`, it becomes the old one
+    and the old one is dropped. One store per closed stream on the hot path, nothing copied."""
 
-    __slots__ = ("_resets", "_ended")
+    __slots__ = ("_resets", "_old_resets", "_ended", "_old_ended")
 
     def __init__(self) -> None:
         self._resets: dict[int, int] = {}
-        self._ended: dict[int, int] = {}
+        self._old_resets: dict[int, int] = {}
+        self._ended: set[int] = set()
+        self._old_ended: set[int] = set()
 
     def add(self, stream_id: int, how: int) -> None:
         if how == ENDED:
-            self._ended[stream_id] = how
-            if len(self._ended) > 2 * CLOSED_REMEMBERED:
-                self._ended = _newest(self._ended)
+            ended = self._ended
+            ended.add(stream_id)
+            if len(ended) >= CLOSED_REMEMBERED:
+                self._old_ended, self._ended = ended, set()
         else:
-            self._resets[stream_id] = how
-            if len(self._resets) > 2 * CLOSED_REMEMBERED:
-                self._resets = _newest(self._resets)
+            resets = self._resets
+            resets[stream_id] = how
+            if len(resets) >= CLOSED_REMEMBERED:
+                self._old_resets, self._resets = resets, {}
 
     def get(self, stream_id: int) -> int | None:
         how = self._resets.get(stream_id)
-        return how if how is not None else self._ended.get(stream_id)
+        if how is None:
+            how = self._old_resets.get(stream_id)
+        if how is None and (stream_id in self._ended or stream_id in self._old_ended):
+            how = ENDED
+        return how
 
     def __len__(self) -> int:
-        return len(self._resets) + len(self._ended)
-
-
-def _newest(record: dict[int, int]) -> dict[int, int]:
-    return dict(list(record.items())[-CLOSED_REMEMBERED:])
+        return len(self._resets) + len(self._old_resets) + len(self._ended) + len(self._old_ended)
 
 
 def frame_on_closed(kind: int, stream_id: int, how: int | None, last_stream_id: int) -> None:
