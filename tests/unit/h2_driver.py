@@ -153,6 +153,13 @@ async def start(
     return server, service, port
 
 
+def unary(ch: grpc.aio.Channel, method: str):  # type: ignore[no-untyped-def]
+    """A bytes-in, bytes-out unary call of the test service on `ch`."""
+    return ch.unary_unary(
+        f"/{SERVICE}/{method}", request_serializer=_same, response_deserializer=_same
+    )
+
+
 def channel(port: int) -> grpc.aio.Channel:
     """The real grpc C-core client, with message limits that fit the tests' 10-20 MiB calls."""
     return grpc.aio.insecure_channel(

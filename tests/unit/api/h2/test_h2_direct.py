@@ -11,7 +11,7 @@ import pytest
 
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.server import H2Server
-from tests.unit.h2_driver import SERVICE, EchoService, RawClient, channel, message, start
+from tests.unit.h2_driver import EchoService, RawClient, channel, message, start, unary
 
 
 def run(body: Callable[[H2Server, EchoService, int], Awaitable[None]], **kw: int) -> None:
@@ -23,16 +23,6 @@ def run(body: Callable[[H2Server, EchoService, int], Awaitable[None]], **kw: int
             await server.stop(0)
 
     asyncio.run(asyncio.wait_for(main(), 60))
-
-
-def _same(b: bytes) -> bytes:
-    return b
-
-
-def unary(ch: grpc.aio.Channel, method: str):  # type: ignore[no-untyped-def]
-    return ch.unary_unary(
-        f"/{SERVICE}/{method}", request_serializer=_same, response_deserializer=_same
-    )
 
 
 async def _settled(server: H2Server) -> None:

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from pipeserve.api.h2 import frames as f
-from tests.unit.h2_driver import SERVICE, RawClient, channel, message, start
+from tests.unit.h2_driver import SERVICE, RawClient, channel, message, start, unary
 
 
 def run(body: Callable[..., Awaitable[None]]) -> None:
@@ -28,12 +28,6 @@ def run(body: Callable[..., Awaitable[None]]) -> None:
 
 def _same(b: bytes) -> bytes:
     return b
-
-
-def unary(ch: grpc.aio.Channel, method: str):  # type: ignore[no-untyped-def]
-    return ch.unary_unary(
-        f"/{SERVICE}/{method}", request_serializer=_same, response_deserializer=_same
-    )
 
 
 # ---- the real gRPC client ---------------------------------------------------------------------
