@@ -67,6 +67,16 @@ class Pending:
 class Scheduler(ABC):
     """Accepts validated requests for one model version and answers each exactly once."""
 
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop `submit` runs on, looked up once: on Python 3.11 get_running_loop() costs a
+        getpid() syscall, and a server runs one loop (a test may run the next on a new one)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     @abstractmethod
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         """Queue a validated request (request.batch_size set). Called on the event loop.

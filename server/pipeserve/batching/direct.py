@@ -37,7 +37,7 @@ class DirectScheduler(Scheduler):
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         if self._closing:
             raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         pending = Pending(request, loop.create_future(), loop)
         try:
             self._queue.put_nowait(pending)

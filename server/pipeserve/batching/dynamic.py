@@ -126,7 +126,6 @@ class DynamicBatcher(Scheduler):
         self._inline: list[list[Entry]] = []
         self._inline_items = 0  # in all of them
         self._inline_last = 0  # in the last one
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._workers = start_workers(spec, runner, self._work)
 
     # --- event loop side --------------------------------------------------------------------
@@ -134,11 +133,7 @@ class DynamicBatcher(Scheduler):
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         if self._closing:
             raise ModelNotReadyError(f"model '{self._spec.name}' is unloading")
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            # Looked up once: on Python 3.11 get_running_loop() costs a getpid() syscall, and
-            # a server runs one loop (a test may run the next on a new one).
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = self._clock()
         level = self._policy.level_of(request.priority)
         queue_policy = self._queues.policy(level)
