@@ -488,12 +488,10 @@ class Call:
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
         """A transport-level failure while the handler may be running: answer, stop it."""
         self.finish(code, details)
-        if self.task is not None and not self.task.done():
+        running = self.future if self.future is not None else self.task
+        if running is not None and not running.done():
             self.cancel_reason = self.cancel_reason or _RESET
-            self.task.cancel()
-        if self.future is not None:
-            self.cancel_reason = self.cancel_reason or _RESET
-            self.future.cancel()  # drops the queued work; the call has its answer
+            running.cancel()  # a direct handler's future: its queued work is dropped
 
     def reset(self) -> None:
         """The client reset the stream or the connection went away."""
