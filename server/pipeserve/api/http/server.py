@@ -59,25 +59,17 @@ def _too_large(size: int, limit: int) -> HttpError:
     )
 
 
-# Responses up to this size go out as one body message (the chunks joined).
-_JOIN_BELOW = 64 * 1024
-
-
 async def _send(send: Send, response: Response) -> None:
     length = sum(len(c) for c in response.chunks)
     headers = [(b"content-length", str(length).encode()), *response.headers]
     if response.content_type is not None:
         headers.append((b"content-type", response.content_type))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    chunks = response.chunks
-    if len(chunks) > 1 and length <= _JOIN_BELOW:
-        # One body message: each costs a pass through uvicorn's send, more than this copy.
-        chunks = [b"".join(chunks)]
-    # Otherwise one body message per chunk (JSON, then binary sections, not joined): the
-    # listener sends the head and every chunk written in this loop iteration in one send(),
-    # copying the outputs once (listener.py).
-    last = len(chunks) - 1
+    # One body message per chunk (JSON, then binary sections, no join here): the listener
+    # sends the head and every chunk written in this loop iteration in one send(), copying the
+    # outputs once (listener.py).
+    last = len(response.chunks) - 1
     if last < 0:
         await send({"type": "http.response.body", "body": b""})
-    for i, chunk in enumerate(chunks):
+    for i, chunk in enumerate(response.chunks):
         await send({"type": "http.response.body", "body": chunk, "more_body": i < last})
