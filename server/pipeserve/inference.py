@@ -41,6 +41,13 @@ class ModelSpec:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Derived once (validate reads them for every request).
+    input_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _output_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_names", tuple(s.name for s in self.inputs))
+        object.__setattr__(self, "_output_names", tuple(o.name for o in self.outputs))
 
     @property
     def batching(self) -> bool:
@@ -53,7 +60,7 @@ class ModelSpec:
         return None
 
     def output_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.outputs)
+        return self._output_names
 
     def output_datatype(self, name: str, dtype: np.dtype) -> str:
         """The datatype an output array goes out as: as declared, except that an object array
@@ -71,24 +78,24 @@ class ModelSpec:
         Raises InvalidInputError naming the tensor and what was expected.
         """
         given = request.inputs
+        specs = self.inputs
         # Every declared input given, nothing else (the common case): no sets to build.
-        if len(given) != len(self.inputs) or any(s.name not in given for s in self.inputs):
+        if len(given) != len(specs) or not all(map(given.__contains__, self.input_names)):
             self._check_names(set(given))
         batch: int | None = None
-        for spec in self.inputs:
-            array = request.inputs.get(spec.name)
+        for spec in specs:
+            array = given.get(spec.name)
             if array is None:
                 continue
-            expected_dtype = numpy_dtype(spec.datatype)
-            if array.dtype != expected_dtype:
+            if array.dtype != numpy_dtype(spec.datatype):
                 raise InvalidInputError(
                     f"input '{spec.name}' has datatype {request.datatypes.get(spec.name, '?')}, "
                     f"model '{self.name}' expects {spec.datatype}"
                 )
             shape = array.shape
             dims = shape
-            if self.batching:
-                if len(shape) == 0:
+            if self.max_batch_size > 0:
+                if not shape:
                     raise InvalidInputError(
                         f"input '{spec.name}' has shape [], expected [-1,"
                         f"{','.join(map(str, spec.dims))}] (first dimension is the batch)"
@@ -101,7 +108,8 @@ class ModelSpec:
                         f"batch size {batch}: all inputs must share the first dimension"
                     )
                 dims = shape[1:]
-            if not _dims_match(dims, spec.dims):
+            # Equal tuples first: the common case, one comparison in C.
+            if dims != spec.dims and not _dims_match(dims, spec.dims):
                 want = ([-1] if self.batching else []) + list(spec.dims)
                 raise InvalidInputError(
                     f"unexpected shape for input '{spec.name}' for model '{self.name}'. "
@@ -122,7 +130,7 @@ class ModelSpec:
         else:
             request.batch_size = 1
         for name in request.requested_outputs:
-            if all(o.name != name for o in self.outputs):
+            if name not in self._output_names:
                 known = self.output_names()
                 raise InvalidInputError(
                     f"unexpected inference output '{name}' for model '{self.name}', "

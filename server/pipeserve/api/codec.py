@@ -19,6 +19,7 @@ from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
+    TRITON_DATATYPES,
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
@@ -43,6 +44,9 @@ _CONTENTS_FIELD = {
 
 _UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size")
 
+# Every datatype's numpy dtype, looked up without numpy_dtype's error handling on the hot path.
+_NUMPY_DTYPES = {name: numpy_dtype(name) for name in TRITON_DATATYPES}
+
 
 def parameter_value(param: pb.InferParameter) -> Any:
     which = param.WhichOneof("parameter_choice")
@@ -50,39 +54,40 @@ def parameter_value(param: pb.InferParameter) -> Any:
 
 
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
-    # Empty maps are the common case: their truth test is far cheaper than iterating them (this
-    # runs on the event loop for every request).
+    # This runs on the event loop for every request: each protobuf field access costs, so every
+    # field is read once, the inputs are walked once, and empty maps are only truth-tested (far
+    # cheaper than iterating them).
     params = (
         {key: parameter_value(value) for key, value in msg.parameters.items()}
         if msg.parameters
         else {}
     )
+    tensors = msg.inputs
     raw = msg.raw_input_contents
-    if raw:
-        # Before the count check, so the answer names the input (Triton's words).
-        for tensor in msg.inputs:
-            if tensor.HasField("contents"):
-                raise InvalidInputError(
-                    f"contents field must not be specified when using raw_input_contents for "
-                    f"'{tensor.name}' for model '{msg.model_name}': send every input in "
-                    f"raw_input_contents or every input in contents"
-                )
-    if raw and len(raw) != len(msg.inputs):
+    if raw and len(raw) != len(tensors):
+        _refuse_mixed_contents(msg)  # that answer names the input (Triton's words): first
         raise InvalidInputError(
-            f"expected {len(msg.inputs)} raw_input_contents (one per input), got {len(raw)}"
+            f"expected {len(tensors)} raw_input_contents (one per input), got {len(raw)}"
         )
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    for i, tensor in enumerate(msg.inputs):
-        if tensor.name in inputs:
-            raise InvalidInputError(f"input '{tensor.name}' appears more than once")
+    for i, tensor in enumerate(tensors):
+        name = tensor.name
+        if name in inputs:
+            raise InvalidInputError(f"input '{name}' appears more than once")
         if tensor.parameters and any(k in tensor.parameters for k in _UNSUPPORTED_TENSOR_PARAMS):
             raise UnsupportedError(
-                f"input '{tensor.name}': shared memory is not supported by pipeserve; send "
+                f"input '{name}': shared memory is not supported by pipeserve; send "
                 f"the tensor in the request"
             )
-        datatypes[tensor.name] = tensor.datatype
-        inputs[tensor.name] = _decode_tensor(tensor, raw[i] if raw else None)
+        datatype = tensor.datatype
+        datatypes[name] = datatype
+        if raw:
+            if tensor.HasField("contents"):
+                _refuse_mixed_contents(msg)
+            inputs[name] = _decode_raw(name, datatype, tensor.shape, raw[i])
+        else:
+            inputs[name] = _decode_contents(tensor, name, datatype)
     requested = []
     classification: dict[str, int] = {}
     for out in msg.outputs:
@@ -95,17 +100,28 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
                 )
         requested.append(out.name)
     return InferRequest(
-        model_name=msg.model_name,
-        model_version=msg.model_version,
-        request_id=msg.id,
-        inputs=inputs,
-        requested_outputs=tuple(requested),
-        parameters=params,
-        datatypes=datatypes,
-        priority=_int_param(params, "priority") if params else 0,
-        timeout_us=_int_param(params, "timeout") if params else 0,
-        classification=classification,
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        inputs,
+        tuple(requested),
+        params,
+        datatypes,
+        _int_param(params, "priority") if params else 0,
+        _int_param(params, "timeout") if params else 0,
+        classification,
     )
+
+
+def _refuse_mixed_contents(msg: pb.ModelInferRequest) -> None:
+    """Raises when an input has typed contents next to raw_input_contents (the first such)."""
+    for tensor in msg.inputs:
+        if tensor.HasField("contents"):
+            raise InvalidInputError(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"'{tensor.name}' for model '{msg.model_name}': send every input in "
+                f"raw_input_contents or every input in contents"
+            )
 
 
 def _int_param(params: Mapping[str, Any], key: str) -> int:
@@ -121,18 +137,37 @@ def _int_param(params: Mapping[str, Any], key: str) -> int:
     return value
 
 
-def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
-    name, datatype = tensor.name, tensor.datatype
-    dtype = numpy_dtype(datatype) if datatype else None
+def _dtype(name: str, datatype: str) -> np.dtype:
+    dtype = _NUMPY_DTYPES.get(datatype)
     if dtype is None:
-        raise InvalidInputError(f"input '{name}' has no datatype")
-    shape = tuple(tensor.shape)
+        if not datatype:
+            raise InvalidInputError(f"input '{name}' has no datatype")
+        numpy_dtype(datatype)  # raises, naming the known datatypes
+    return dtype
+
+
+def _shape(name: str, dims: Any) -> tuple[int, ...]:
+    shape = tuple(dims)
     if shape and min(shape) < 0:
         raise InvalidInputError(f"input '{name}' has shape {list(shape)}: dimensions must be >= 0")
+    return shape
+
+
+def _decode_raw(name: str, datatype: str, dims: Any, raw: bytes) -> np.ndarray:
+    dtype = _dtype(name, datatype)
+    shape = _shape(name, dims)
+    if datatype == "BYTES" or len(raw) != math.prod(shape) * dtype.itemsize:
+        return array_from_raw(name, datatype, shape, raw)  # parses BYTES; names a wrong size
+    # A read-only view on the request's buffer: no copy, one constructor.
+    return np.ndarray(shape, dtype, raw)
+
+
+def _decode_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor, name: str, datatype: str
+) -> np.ndarray:
+    dtype = _dtype(name, datatype)
+    shape = _shape(name, tensor.shape)
     count = math.prod(shape)
-    if raw is not None:  # decode_request refused typed contents next to raw ones
-        # A read-only view on the request's buffer for fixed-size datatypes: no copy.
-        return array_from_raw(name, datatype, shape, raw)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInputError(
