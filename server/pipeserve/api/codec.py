@@ -139,11 +139,11 @@ def _int_param(params: Mapping[str, Any], key: str) -> int:
 
 def _dtype(name: str, datatype: str) -> np.dtype:
     dtype = _NUMPY_DTYPES.get(datatype)
-    if dtype is None:
-        if not datatype:
-            raise InvalidInputError(f"input '{name}' has no datatype")
-        numpy_dtype(datatype)  # raises, naming the known datatypes
-    return dtype
+    if dtype is not None:
+        return dtype
+    if not datatype:
+        raise InvalidInputError(f"input '{name}' has no datatype")
+    return numpy_dtype(datatype)  # raises, naming the known datatypes
 
 
 def _shape(name: str, dims: Any) -> tuple[int, ...]:
