@@ -111,17 +111,21 @@ def decode_infer(
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInputError(f"'id' must be a string, got {_json_type(request_id)}")
+    # This runs on the event loop for every request: empty maps (the common case) are only
+    # truth-tested, and the checks below skip what is absent.
     params = _object(doc.get("parameters"), "request 'parameters'")
-    for key in params:
-        if key.startswith("triton_"):
-            raise InvalidInputError(
-                "parameter keys starting with 'triton_' are reserved for Triton usage and should "
-                "not be specified."
-            )
-    default_binary = _bool(params.pop("binary_data_output", False), "binary_data_output")
-    for key in _UINT_PARAMS:
-        if key in params:
-            _uint(params[key], f"request parameter '{key}'")
+    default_binary = False
+    if params:
+        for key in params:
+            if key.startswith("triton_"):
+                raise InvalidInputError(
+                    "parameter keys starting with 'triton_' are reserved for Triton usage and "
+                    "should not be specified."
+                )
+        default_binary = _bool(params.pop("binary_data_output", False), "binary_data_output")
+        for key in _UINT_PARAMS:
+            if key in params:
+                _uint(params[key], f"request parameter '{key}'")
 
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list):
@@ -152,7 +156,7 @@ def decode_infer(
                 f"input '{name}' 'parameters' must be a JSON object, "
                 f"got {_json_type(tensor_params)}"
             )
-        if any(key in tensor_params for key in _SHARED_MEMORY_PARAMS):
+        if tensor_params and any(key in tensor_params for key in _SHARED_MEMORY_PARAMS):
             raise UnsupportedError(
                 f"input '{name}': shared memory is not supported by pipeserve; send the tensor in "
                 f"the request"
@@ -193,18 +197,18 @@ def decode_infer(
     requested, binary, classification = _outputs(doc.get("outputs"))
     return (
         InferRequest(
-            model_name=model_name,
-            model_version=model_version,
-            request_id=request_id,
-            inputs=inputs,
-            requested_outputs=requested,
-            parameters=params,
-            datatypes=datatypes,
-            priority=int(params.get("priority", 0)),
-            timeout_us=int(params.get("timeout", 0)),
-            classification=classification,
+            model_name,
+            model_version,
+            request_id,
+            inputs,
+            requested,
+            params,
+            datatypes,
+            int(params.get("priority", 0)) if params else 0,
+            int(params.get("timeout", 0)) if params else 0,
+            classification,
         ),
-        OutputChoice(default_binary=default_binary, binary=binary),
+        OutputChoice(default_binary, binary),
     )
 
 
@@ -285,7 +289,11 @@ def _outputs(raw_outputs: Any) -> tuple[tuple[str, ...], dict[str, bool], dict[s
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInputError(f"outputs[{i}] must be a JSON object with a 'name' string")
         name = out["name"]
-        params = _object(out.get("parameters"), f"output '{name}' 'parameters'")
+        params = out.get("parameters")
+        if params is None:
+            names.append(name)  # the common case: nothing more to read
+            continue
+        params = _object(params, f"output '{name}' 'parameters'")
         if any(key in params for key in _SHARED_MEMORY_PARAMS):
             raise UnsupportedError(f"output '{name}': shared memory is not supported")
         if CLASSIFICATION in params:  # applied by the DataPlane, as for gRPC
@@ -413,13 +421,12 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 
 def _shape(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in value
-    ):
+    # `type(d) is int`: a JSON true/false is a bool, which isinstance would take for an int.
+    if not isinstance(value, list) or not all(type(d) is int for d in value):
         raise InvalidInputError(
             f"input '{name}' needs a 'shape' array of integers, got {orjson.dumps(value).decode()}"
         )
-    if any(d < 0 for d in value):
+    if value and min(value) < 0:
         raise InvalidInputError(f"input '{name}' has shape {value}: dimensions must be >= 0")
     return tuple(value)
 

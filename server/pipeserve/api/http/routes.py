@@ -46,7 +46,12 @@ class Request:
     path: str
     headers: Mapping[bytes, bytes]  # lower-case names
     body: bytes
-    peer: str = ""  # HOST:PORT of the client, for log lines
+    client: tuple[str, int] | None = None  # the client's address, for log lines
+
+    @property
+    def peer(self) -> str:
+        """HOST:PORT of the client (formatted only when a log line needs it)."""
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "unknown"
 
 
 @dataclass(slots=True)

@@ -27,9 +27,7 @@ class HttpApp:
             extra = (*exc.headers, (b"connection", b"close"))
             await _send(send, Response.error(exc.status, exc.message, extra))
             return
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else "unknown"
-        request = Request(scope["method"], scope["path"], headers, body, peer)
+        request = Request(scope["method"], scope["path"], headers, body, scope.get("client"))
         await _send(send, await self._router.dispatch(request))
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
