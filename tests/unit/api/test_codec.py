@@ -62,6 +62,18 @@ def test_raw_count_must_match_inputs():
         decode_request(_request(("a", "FP32", [1]), ("b", "FP32", [1]), raw=[b"\0" * 4]))
 
 
+def test_typed_contents_beside_raw_is_named_before_the_count():
+    # Both wrong: the answer names the input with typed contents (Triton's words), whichever
+    # input it is, and only then would the count be reported.
+    msg = _request(("a", "FP32", [1]), ("b", "FP32", [1]), raw=[b"\0" * 4])
+    msg.inputs[1].contents.fp32_contents.append(1.0)
+    with pytest.raises(InvalidInputError, match="contents field must not be specified .* for 'b'"):
+        decode_request(msg)
+    msg.raw_input_contents.append(b"\0" * 4)  # the count is right now: still refused
+    with pytest.raises(InvalidInputError, match="contents field must not be specified .* for 'b'"):
+        decode_request(msg)
+
+
 def test_bytes_round_trip_and_malformed():
     payload = b"".join(struct.pack("<I", len(s)) + s for s in (b"ab", "é".encode(), b""))
     request = decode_request(_request(("s", "BYTES", [3]), raw=[payload]))
