@@ -45,7 +45,8 @@ class Refused(Exception):
 
 # A unary RPC the own transport runs without a task or a coroutine: called with the request
 # message, it validates and queues the work at once and returns a future with the function that
-# turns that future, once done, into the response message. Both raise Refused to answer with a
-# status. grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
-DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], Any]]
+# turns that future, once done, into the response message's serialized bytes (so a handler may
+# write them itself, api/response_wire.py). Both raise Refused to answer with a status. grpc.aio
+# runs the same RPC's ordinary async handler; both must give the same answers.
+DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], bytes]]
 DirectUnary = Callable[[Any], DirectResult]

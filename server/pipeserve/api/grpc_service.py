@@ -21,6 +21,7 @@ from pipeserve.api.codec import decode_request, encode_response
 from pipeserve.api.context import DirectResult, DirectUnary, ServicerContext
 from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.api.generated import grpc_service_pb2_grpc as pb_grpc
+from pipeserve.api.response_wire import encode_response_bytes
 from pipeserve.api.status import guarded, refusal
 from pipeserve.errors import PipeserveError
 from pipeserve.inference import InferRequest
@@ -113,9 +114,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         served: ServedVersion,
         request: InferRequest,
         outputs: asyncio.Future[dict[str, np.ndarray]],
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
+        """The answer's wire bytes, written without building the message (the same bytes as
+        `_finish_infer`'s message serialized: api/response_wire.py)."""
         try:
-            return self._finish_infer(served, request, outputs.result())
+            response = self._dp.respond(served, request, outputs.result())
+            encoded = encode_response_bytes(response, served.spec)
+            self._dp.check_response_size(served, len(encoded))
+            return encoded
         except Exception as exc:
             raise refusal(exc, "ModelInfer") from None
 

@@ -327,8 +327,8 @@ class Call:
         assert self.finisher is not None
         finisher, self.finisher = self.finisher, None
         try:
-            response = finisher(future)
-            self.stream.send(self._framed(self.method.response_serializer(response)), _OK_TRAILERS)
+            # The finisher gives the serialized message (api.context.DirectResult).
+            self.stream.send(self._framed(finisher(future)), _OK_TRAILERS)
             self._done()
         except Refused as exc:
             self.finish(exc.code, exc.details)

@@ -1,0 +1,85 @@
+"""A ModelInferResponse written straight to its protobuf wire bytes, for the unary ModelInfer
+answer on the own HTTP/2 transport (the hot path: one per request).
+
+The bytes are exactly those of `codec.encode_response(...).SerializeToString()` (fields in
+field-number order, proto3 defaults left out, `shape` packed; tests/unit/api/test_response_wire.py
+compares both). What makes it cheaper than building the message: an output's tensor header (name,
+datatype, shape) is the same for every answer of a given shape, so its encoding is kept and
+reused; the message is one join of parts, with no message objects, ByteSize or serializer pass.
+
+ModelStreamInfer and the grpc.aio front end still answer with the message (codec.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeserve.inference import InferResponse, ModelSpec
+from pipeserve.tensors import numpy_dtype, serialize_bytes
+
+# Field keys (field number << 3 | wire type 2, length-delimited) of ModelInferResponse ...
+_MODEL_NAME, _MODEL_VERSION, _ID = b"\x0a", b"\x12", b"\x1a"
+_OUTPUTS, _RAW_OUTPUT = b"\x2a", b"\x32"
+# ... and of its InferOutputTensor.
+_TENSOR_NAME, _TENSOR_DATATYPE, _TENSOR_SHAPE = b"\x0a", b"\x12", b"\x1a"
+
+# Encoded tensor headers by (output name, datatype, shape). Clients choose shapes (variable
+# dimensions), so the table is bounded: emptied when full, it refills from what is current.
+_HEADERS_MAX = 4096
+_headers: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(key: bytes, value: bytes) -> bytes:
+    return key + varint(len(value)) + value
+
+
+def _tensor_header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    key = (name, datatype, shape)
+    header = _headers.get(key)
+    if header is None:
+        body = _field(_TENSOR_NAME, name.encode()) if name else b""
+        body += _field(_TENSOR_DATATYPE, datatype.encode()) if datatype else b""
+        if shape:
+            body += _field(_TENSOR_SHAPE, b"".join(varint(d) for d in shape))
+        header = _field(_OUTPUTS, body)
+        if len(_headers) >= _HEADERS_MAX:
+            _headers.clear()
+        _headers[key] = header
+    return header
+
+
+def encode_response_bytes(response: InferResponse, spec: ModelSpec) -> bytes:
+    parts: list[bytes] = []
+    if response.model_name:
+        parts.append(_field(_MODEL_NAME, response.model_name.encode()))
+    if response.model_version:
+        parts.append(_field(_MODEL_VERSION, response.model_version.encode()))
+    if response.request_id:
+        parts.append(_field(_ID, response.request_id.encode()))
+    contents: list[bytes] = []
+    for name, array in response.outputs.items():
+        datatype = spec.output_datatype(name, array.dtype)
+        parts.append(_tensor_header(name, datatype, array.shape))
+        if datatype == "BYTES":
+            raw = serialize_bytes(array)
+        else:
+            expected = numpy_dtype(datatype)
+            if array.dtype != expected:
+                array = array.astype(expected)
+            raw = np.ascontiguousarray(array).tobytes()
+        contents.append(_RAW_OUTPUT + varint(len(raw)))
+        contents.append(raw)
+    parts += contents
+    return b"".join(parts)
