@@ -30,21 +30,12 @@ HERE = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import asyncio, json, sys, time
 import hpack
+sys.path.insert(0, sys.argv[2])
+from null_transport import NullTransport
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import Connection
 
 CALLS, BATCH, BODY = int(sys.argv[1]), 64, 200
-
-class NullTransport:
-    def write(self, data): pass
-    def writelines(self, data): pass
-    def close(self): pass
-    def is_closing(self): return False
-    def pause_reading(self): pass
-    def resume_reading(self): pass
-    def get_write_buffer_size(self): return 0
-    def get_extra_info(self, name, default=None): return default
-    def set_write_buffer_limits(self, high=None, low=None): pass
 
 RESPONSE = b"\0" + (BODY).to_bytes(4, "big") + bytes(BODY)
 
@@ -100,7 +91,7 @@ asyncio.run(main())
 def measure(src: Path, calls: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(src / "server"))
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(calls)],
+        [sys.executable, "-c", CHILD, str(calls), str(HERE / "bench")],
         capture_output=True,
         text=True,
         env=env,

@@ -101,6 +101,7 @@ import argparse, asyncio, json, sys, tempfile, time
 from pathlib import Path
 import hpack, numpy as np
 sys.path.insert(0, sys.argv[2])
+from null_transport import NullTransport
 from vs_triton import add_one, write_pipeserve_repository
 from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.api.h2 import frames as f
@@ -108,17 +109,6 @@ from pipeserve.app import App
 from pipeserve.cli.serve import add_serve_parser, settings_from_args
 
 CALLS, BATCH = int(sys.argv[1]), 32
-
-class NullTransport:
-    def write(self, data): pass
-    def writelines(self, data): pass
-    def close(self): pass
-    def is_closing(self): return False
-    def pause_reading(self): pass
-    def resume_reading(self): pass
-    def get_write_buffer_size(self): return 0
-    def get_extra_info(self, name, default=None): return default
-    def set_write_buffer_limits(self, high=None, low=None): pass
 
 def calls(n):
     msg = pb.ModelInferRequest(model_name="add_one")
