@@ -94,7 +94,7 @@ class ModelSpec:
                 )
             shape = array.shape
             dims = shape
-            if self.max_batch_size > 0:
+            if self.batching:
                 if not shape:
                     raise InvalidInputError(
                         f"input '{spec.name}' has shape [], expected [-1,"

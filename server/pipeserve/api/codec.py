@@ -56,15 +56,14 @@ def parameter_value(param: pb.InferParameter) -> Any:
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     # This runs on the event loop for every request: each protobuf field access costs, so every
     # field is read once, the inputs are walked once, and empty maps are only truth-tested (far
-    # cheaper than iterating them).
-    # perf_analyzer sends one parameter with every request: keys and lookups cost less than
-    # the map's items() view.
+    # cheaper than iterating them). A map is read by key: perf_analyzer sends one parameter with
+    # every request, and keys and lookups cost less than the map's items() view.
     wire = msg.parameters
     params = {key: parameter_value(wire[key]) for key in wire} if wire else {}
     tensors = msg.inputs
     raw = msg.raw_input_contents
     if raw and len(raw) != len(tensors):
-        _refuse_mixed_contents(msg)  # that answer names the input (Triton's words): first
+        _refuse_mixed_contents(msg)  # checked first: Triton's answer names that input
         raise InvalidInputError(
             f"expected {len(tensors)} raw_input_contents (one per input), got {len(raw)}"
         )
