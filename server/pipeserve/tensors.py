@@ -127,14 +127,15 @@ def array_from_raw(
     count = math.prod(shape)
     if datatype == "BYTES":
         return deserialize_bytes(raw, count, name).reshape(shape)
-    expected = count * element_size(datatype)
+    dtype = numpy_dtype(datatype)  # looked up once: this runs per input per request
+    expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInputError(
             f"input '{name}' got unexpected byte size {len(raw)}, expected {expected} "
             f"({datatype} with shape {list(shape)})"
         )
     # One constructor instead of frombuffer + reshape: half the cost, per input per request.
-    return np.ndarray(shape, numpy_dtype(datatype), raw)
+    return np.ndarray(shape, dtype, raw)
 
 
 def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) -> np.ndarray:

@@ -19,7 +19,6 @@ from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
 from pipeserve.inference import InferRequest, InferResponse, ModelSpec
 from pipeserve.tensors import (
-    TRITON_DATATYPES,
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
@@ -43,9 +42,6 @@ _CONTENTS_FIELD = {
 }
 
 _UNSUPPORTED_TENSOR_PARAMS = ("shared_memory_region", "shared_memory_byte_size")
-
-# Every datatype's numpy dtype, looked up without numpy_dtype's error handling on the hot path.
-_NUMPY_DTYPES = {name: numpy_dtype(name) for name in TRITON_DATATYPES}
 
 
 def parameter_value(param: pb.InferParameter) -> Any:
@@ -136,12 +132,9 @@ def _int_param(params: Mapping[str, Any], key: str) -> int:
 
 
 def _dtype(name: str, datatype: str) -> np.dtype:
-    dtype = _NUMPY_DTYPES.get(datatype)
-    if dtype is not None:
-        return dtype
     if not datatype:
         raise InvalidInputError(f"input '{name}' has no datatype")
-    return numpy_dtype(datatype)  # raises, naming the known datatypes
+    return numpy_dtype(datatype)  # an unknown name raises, naming the known datatypes
 
 
 def _shape(name: str, dims: Any) -> tuple[int, ...]:
@@ -152,12 +145,9 @@ def _shape(name: str, dims: Any) -> tuple[int, ...]:
 
 
 def _decode_raw(name: str, datatype: str, dims: Any, raw: bytes) -> np.ndarray:
-    dtype = _dtype(name, datatype)
-    shape = _shape(name, dims)
-    if datatype == "BYTES" or len(raw) != math.prod(shape) * dtype.itemsize:
-        return array_from_raw(name, datatype, shape, raw)  # parses BYTES; names a wrong size
-    # A read-only view on the request's buffer: no copy, one constructor.
-    return np.ndarray(shape, dtype, raw)
+    _dtype(name, datatype)  # a missing or unknown datatype is named before the shape
+    # A read-only view on the request's buffer for fixed-size datatypes: no copy.
+    return array_from_raw(name, datatype, _shape(name, dims), raw)
 
 
 def _decode_contents(
@@ -205,11 +195,16 @@ def encode_response(response: InferResponse, spec: ModelSpec) -> pb.ModelInferRe
         out.name = name
         out.datatype = datatype
         out.shape.extend(array.shape)
-        if datatype == "BYTES":
-            msg.raw_output_contents.append(serialize_bytes(array))
-        else:
-            expected = numpy_dtype(datatype)
-            if array.dtype != expected:
-                array = array.astype(expected)
-            msg.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        msg.raw_output_contents.append(raw_output(array, datatype))
     return msg
+
+
+def raw_output(array: np.ndarray, datatype: str) -> bytes:
+    """One output's raw_output_contents entry: its elements as `datatype` (converted when the
+    array's dtype differs), BYTES length-prefixed."""
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    expected = numpy_dtype(datatype)
+    if array.dtype != expected:
+        array = array.astype(expected)
+    return np.ascontiguousarray(array).tobytes()

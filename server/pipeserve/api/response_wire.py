@@ -12,10 +12,8 @@ ModelStreamInfer and the grpc.aio front end still answer with the message (codec
 
 from __future__ import annotations
 
-import numpy as np
-
+from pipeserve.api.codec import raw_output
 from pipeserve.inference import InferResponse, ModelSpec
-from pipeserve.tensors import numpy_dtype, serialize_bytes
 
 # Field keys (field number << 3 | wire type 2, length-delimited) of ModelInferResponse ...
 _MODEL_NAME, _MODEL_VERSION, _ID = b"\x0a", b"\x12", b"\x1a"
@@ -72,13 +70,7 @@ def encode_response_bytes(response: InferResponse, spec: ModelSpec) -> bytes:
     for name, array in response.outputs.items():
         datatype = spec.output_datatype(name, array.dtype)
         parts.append(_tensor_header(name, datatype, array.shape))
-        if datatype == "BYTES":
-            raw = serialize_bytes(array)
-        else:
-            expected = numpy_dtype(datatype)
-            if array.dtype != expected:
-                array = array.astype(expected)
-            raw = np.ascontiguousarray(array).tobytes()
+        raw = raw_output(array, datatype)
         contents.append(_RAW_OUTPUT + varint(len(raw)))
         contents.append(raw)
     parts += contents

@@ -169,7 +169,7 @@ class Call:
         self.direct = direct
         # A direct handler's work in progress, and what makes the response of it.
         self.future: asyncio.Future[Any] | None = None
-        self.finisher: Callable[[asyncio.Future[Any]], Any] | None = None
+        self.finisher: Callable[[asyncio.Future[Any]], bytes] | None = None
 
     # ---- set-up (the endpoint calls this right after opening the stream) -------------------
 

@@ -112,7 +112,8 @@ class H2Server:
 
     def add_direct_unary(self, service: str, name: str, handler: DirectUnary) -> None:
         """Runs unary method `name` (registered as above too) through `handler` without a task
-        per call (api.context.DirectUnary); its message serializer stays the registered one."""
+        per call (api.context.DirectUnary): the handler gives the response's serialized bytes;
+        the registered request deserializer still parses the request."""
         self._direct[f"/{service}/{name}".encode()] = handler
 
     def add_insecure_port(self, address: str) -> int:
