@@ -88,29 +88,30 @@ class DirectService:
     def __init__(self) -> None:
         self.waiting: list[asyncio.Future[bytes]] = []
 
-    def echo(self, request: bytes) -> DirectResult:
+    def echo(self, request: bytes | memoryview) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_soon(future.set_result, request)
+        # A copy: the bytes a direct handler is given are only valid during the call.
+        asyncio.get_running_loop().call_soon(future.set_result, bytes(request))
         return future, _result
 
-    def wait(self, request: bytes) -> DirectResult:
+    def wait(self, request: bytes | memoryview) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         return future, _result
 
-    def refuse(self, request: bytes) -> DirectResult:
+    def refuse(self, request: bytes | memoryview) -> DirectResult:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "refused: ünïcode 100%")
 
-    def fail(self, request: bytes) -> DirectResult:
+    def fail(self, request: bytes | memoryview) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        future.set_result(request)
+        future.set_result(bytes(request))
 
         def finisher(done: asyncio.Future[bytes]) -> bytes:
             raise Refused(grpc.StatusCode.INTERNAL, f"failed after {len(done.result())} bytes")
 
         return future, finisher
 
-    def boom(self, request: bytes) -> DirectResult:
+    def boom(self, request: bytes | memoryview) -> DirectResult:
         raise RuntimeError("a bug")
 
     def methods(self) -> dict[str, DirectUnary]:

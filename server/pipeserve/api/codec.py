@@ -8,7 +8,8 @@ tensor is an InvalidInputError naming the tensor and what was expected.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,39 +50,148 @@ def parameter_value(param: pb.InferParameter) -> Any:
     return getattr(param, which) if which else None
 
 
-def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
-    # This runs on the event loop for every request: each protobuf field access costs, so every
-    # field is read once, the inputs are walked once, and empty maps are only truth-tested (far
-    # cheaper than iterating them). A map is read by key: perf_analyzer sends one parameter with
-    # every request, and keys and lookups cost less than the map's items() view.
-    wire = msg.parameters
-    params = {key: parameter_value(wire[key]) for key in wire} if wire else {}
-    tensors = msg.inputs
-    raw = msg.raw_input_contents
-    if raw and len(raw) != len(tensors):
-        _refuse_mixed_contents(msg)  # checked first: Triton's answer names that input
-        raise InvalidInputError(
-            f"expected {len(tensors)} raw_input_contents (one per input), got {len(raw)}"
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """All a ModelInferRequest with raw_input_contents says besides those bytes, checked: each
+    input's name, datatype and shape, the outputs asked for and the parameters. The same for
+    every request a client sends with the same header, so api/request_wire.py keeps it."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape), in order
+    requested_outputs: tuple[str, ...]
+    parameters: Mapping[str, Any]
+    datatypes: Mapping[str, str]
+    priority: int
+    timeout_us: int
+    classification: Mapping[str, int]
+    # Per tensor, its numpy dtype and byte count (None, 0 for BYTES), worked out once.
+    _layouts: tuple[tuple[np.dtype | None, int], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        layouts = [
+            (None, 0) if datatype == "BYTES" else (dtype, math.prod(shape) * dtype.itemsize)
+            for _, datatype, shape in self.tensors
+            for dtype in (numpy_dtype(datatype),)
+        ]
+        object.__setattr__(self, "_layouts", tuple(layouts))
+
+    def request(self, raw: Sequence[bytes], request_id: str | None = None) -> InferRequest:
+        """The request of this head with `raw` (one entry per input, in order: the caller has
+        counted them) as its tensors; `request_id` replaces the head's own."""
+        inputs: dict[str, np.ndarray] = {}
+        for (name, datatype, shape), (dtype, size), data in zip(
+            self.tensors, self._layouts, raw, strict=True
+        ):
+            if dtype is not None and len(data) == size:
+                # A read-only view on the request's buffer: no copy.
+                inputs[name] = np.ndarray(shape, dtype, data)
+            else:  # BYTES elements to parse, or the byte count's error to raise
+                inputs[name] = array_from_raw(name, datatype, shape, data)
+        return InferRequest(
+            self.model_name,
+            self.model_version,
+            self.request_id if request_id is None else request_id,
+            inputs,
+            self.requested_outputs,
+            self.parameters,
+            self.datatypes,
+            self.priority,
+            self.timeout_us,
+            self.classification,
         )
+
+
+def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
+    # This runs on the event loop for every request that the own transport's fast path
+    # (api/request_wire.py) does not take: each protobuf field access costs, so every field is
+    # read once and the inputs are walked once.
+    raw = msg.raw_input_contents
+    if raw:
+        return decode_head(msg, len(raw)).request(raw)
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    for i, tensor in enumerate(tensors):
+    for tensor in msg.inputs:
         name = tensor.name
-        if name in inputs:
-            raise InvalidInputError(f"input '{name}' appears more than once")
-        if tensor.parameters and any(k in tensor.parameters for k in _UNSUPPORTED_TENSOR_PARAMS):
-            raise UnsupportedError(
-                f"input '{name}': shared memory is not supported by pipeserve; send "
-                f"the tensor in the request"
-            )
+        _check_tensor(tensor, name, inputs)
         datatype = tensor.datatype
         datatypes[name] = datatype
-        if raw:
-            if tensor.HasField("contents"):
-                _refuse_mixed_contents(msg)
-            inputs[name] = _decode_raw(name, datatype, tensor.shape, raw[i])
-        else:
-            inputs[name] = _decode_contents(tensor, name, datatype)
+        inputs[name] = _decode_contents(tensor, name, datatype)
+    params = _parameters(msg)
+    requested, classification = _outputs(msg)
+    return InferRequest(
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        inputs,
+        requested,
+        params,
+        datatypes,
+        _int_param(params, "priority") if params else 0,
+        _int_param(params, "timeout") if params else 0,
+        classification,
+    )
+
+
+def decode_head(msg: pb.ModelInferRequest, raw_count: int) -> RequestHead:
+    """The head of a request that carries `raw_count` (> 0) raw_input_contents entries; `msg`'s
+    own raw_input_contents are not read. Raises for every fault but a tensor's byte count."""
+    tensors = msg.inputs
+    if raw_count != len(tensors):
+        _refuse_mixed_contents(msg)  # checked first: Triton's answer names that input
+        raise InvalidInputError(
+            f"expected {len(tensors)} raw_input_contents (one per input), got {raw_count}"
+        )
+    heads: list[tuple[str, str, tuple[int, ...]]] = []
+    datatypes: dict[str, str] = {}
+    for tensor in tensors:
+        name = tensor.name
+        _check_tensor(tensor, name, datatypes)
+        if tensor.HasField("contents"):
+            _refuse_mixed_contents(msg)
+        datatype = tensor.datatype
+        _dtype(name, datatype)  # a missing or unknown datatype is named before the shape
+        datatypes[name] = datatype
+        heads.append((name, datatype, _shape(name, tensor.shape)))
+    params = _parameters(msg)
+    requested, classification = _outputs(msg)
+    return RequestHead(
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        tuple(heads),
+        requested,
+        params,
+        datatypes,
+        _int_param(params, "priority") if params else 0,
+        _int_param(params, "timeout") if params else 0,
+        classification,
+    )
+
+
+def _parameters(msg: pb.ModelInferRequest) -> dict[str, Any]:
+    # An empty map is only truth-tested (far cheaper than iterating it), a full one read by
+    # key: perf_analyzer sends one parameter with every request, and keys and lookups cost
+    # less than the map's items() view.
+    wire = msg.parameters
+    return {key: parameter_value(wire[key]) for key in wire} if wire else {}
+
+
+def _check_tensor(
+    tensor: pb.ModelInferRequest.InferInputTensor, name: str, seen: Mapping[str, object]
+) -> None:
+    if name in seen:
+        raise InvalidInputError(f"input '{name}' appears more than once")
+    if tensor.parameters and any(k in tensor.parameters for k in _UNSUPPORTED_TENSOR_PARAMS):
+        raise UnsupportedError(
+            f"input '{name}': shared memory is not supported by pipeserve; send the tensor "
+            f"in the request"
+        )
+
+
+def _outputs(msg: pb.ModelInferRequest) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The outputs asked for, in order, and those asked for as top-N classes."""
     requested = []
     classification: dict[str, int] = {}
     for out in msg.outputs:
@@ -93,18 +203,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
                     parameter_value(out.parameters[CLASSIFICATION])
                 )
         requested.append(out.name)
-    return InferRequest(
-        msg.model_name,
-        msg.model_version,
-        msg.id,
-        inputs,
-        tuple(requested),
-        params,
-        datatypes,
-        _int_param(params, "priority") if params else 0,
-        _int_param(params, "timeout") if params else 0,
-        classification,
-    )
+    return tuple(requested), classification
 
 
 def _refuse_mixed_contents(msg: pb.ModelInferRequest) -> None:
@@ -142,12 +241,6 @@ def _shape(name: str, dims: Any) -> tuple[int, ...]:
     if shape and min(shape) < 0:
         raise InvalidInputError(f"input '{name}' has shape {list(shape)}: dimensions must be >= 0")
     return shape
-
-
-def _decode_raw(name: str, datatype: str, dims: Any, raw: bytes) -> np.ndarray:
-    _dtype(name, datatype)  # a missing or unknown datatype is named before the shape
-    # A read-only view on the request's buffer for fixed-size datatypes: no copy.
-    return array_from_raw(name, datatype, _shape(name, dims), raw)
 
 
 def _decode_contents(

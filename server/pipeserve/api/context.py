@@ -43,10 +43,17 @@ class Refused(Exception):
         self.details = details
 
 
+def unparsable(exc: Exception) -> Refused:
+    """How a request message that does not parse is answered (as grpc.aio answers it)."""
+    return Refused(grpc.StatusCode.INTERNAL, f"could not parse the request message: {exc}")
+
+
 # A unary RPC the own transport runs without a task or a coroutine: called with the request
-# message, it validates and queues the work at once and returns a future with the function that
-# turns that future, once done, into the response message's serialized bytes (so a handler may
-# write them itself, api/response_wire.py). Both raise Refused to answer with a status. grpc.aio
-# runs the same RPC's ordinary async handler; both must give the same answers.
+# message's serialized bytes (valid only during the call: a handler keeps copies), it parses
+# them (raising `unparsable(...)` when they do not parse), validates and queues the work at
+# once, and returns a future with the function that turns that future, once done, into the
+# response message's serialized bytes. So a handler may read and write the wire form itself
+# (api/request_wire.py, api/response_wire.py). Both raise Refused to answer with a status.
+# grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
 DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], bytes]]
-DirectUnary = Callable[[Any], DirectResult]
+DirectUnary = Callable[[bytes | memoryview], DirectResult]

@@ -18,9 +18,10 @@ import grpc
 import numpy as np
 
 from pipeserve.api.codec import decode_request, encode_response
-from pipeserve.api.context import DirectResult, DirectUnary, ServicerContext
+from pipeserve.api.context import DirectResult, DirectUnary, ServicerContext, unparsable
 from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.api.generated import grpc_service_pb2_grpc as pb_grpc
+from pipeserve.api.request_wire import RequestReader
 from pipeserve.api.response_wire import encode_response_bytes
 from pipeserve.api.status import guarded, refusal
 from pipeserve.errors import PipeserveError
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, data_plane: DataPlane) -> None:
         self._dp = data_plane
+        self._reader = RequestReader()  # infer_direct's; it runs on the event loop only
 
     # ---- health and metadata --------------------------------------------------------------
 
@@ -99,12 +101,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         must check first."""
         return {"ModelInfer": self.infer_direct}
 
-    def infer_direct(self, msg: pb.ModelInferRequest) -> DirectResult:
+    def infer_direct(self, body: bytes | memoryview) -> DirectResult:
         """ModelInfer for the own transport, with no task and no coroutine per call (the
         event loop's largest per-request cost after the protocol itself): the same two halves
-        as `_infer`, the same answers as `guarded` gives."""
+        as `_infer`, the same answers as `guarded` gives. A request in the usual form is read
+        by the kept-header reader (api/request_wire.py), any other parsed in full."""
+        read = self._reader.read(body)
+        if read is None:
+            try:
+                msg = pb.ModelInferRequest.FromString(body)
+            except Exception as exc:
+                raise unparsable(exc) from None
         try:
-            served, request, outputs = self._start_infer(msg)
+            if read is None:
+                served, request, outputs = self._start_infer(msg)
+            else:
+                head, raw, request_id = read
+                # The same order as _start_infer: the model is looked up before the tensors
+                # are checked.
+                served = self._dp.lookup(head.model_name, head.model_version)
+                request = head.request(raw, request_id)
+                outputs = self._dp.submit(served, request)
         except Exception as exc:
             raise refusal(exc, "ModelInfer") from None
         return outputs, functools.partial(self._finish_direct, served, request)

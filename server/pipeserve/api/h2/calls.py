@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from pipeserve.api.context import DirectUnary, Refused
+from pipeserve.api.context import DirectUnary, Refused, unparsable
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import Stream
 
@@ -294,22 +294,24 @@ class Call:
         self._deserialize_and_run(body)
 
     def _deserialize_and_run(self, body: bytes | memoryview) -> None:
+        if self.direct is not None:
+            self._start_direct(body)  # it parses the message itself
+            return
         try:
             request = self.method.request_deserializer(body)
         except Exception as exc:
-            self.finish(grpc.StatusCode.INTERNAL, f"could not parse the request message: {exc}")
+            refused = unparsable(exc)
+            self.finish(refused.code, refused.details)
             return
-        if self.direct is not None:
-            self._start_direct(request)
-        elif self.task is None:
+        if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._run(request))
 
     # ---- direct handlers (no task) ----------------------------------------------------------
 
-    def _start_direct(self, request: Any) -> None:
+    def _start_direct(self, body: bytes | memoryview) -> None:
         assert self.direct is not None
         try:
-            future, self.finisher = self.direct(request)
+            future, self.finisher = self.direct(body)
         except Refused as exc:
             self.finish(exc.code, exc.details)
             return
@@ -410,7 +412,8 @@ class Call:
         try:
             request = self.method.request_deserializer(body)
         except Exception as exc:
-            self.finish(grpc.StatusCode.INTERNAL, f"could not parse the request message: {exc}")
+            refused = unparsable(exc)
+            self.finish(refused.code, refused.details)
             return
         await self._run(request)
 
