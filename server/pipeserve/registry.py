@@ -13,7 +13,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # The reason an UNAVAILABLE model gives when it was unloaded on purpose (Triton's word too).
 UNLOADED = "unloaded"
+
+# Request forms whose validation a served version keeps (ServedVersion.submit's `checked_as`):
+# emptied when full, it refills from the forms in use.
+_CHECKED_MAX = 1024
 
 
 def parse_version(version: str) -> int | None:
@@ -104,13 +108,31 @@ class ServedVersion:
     scheduler: Scheduler
     stats: VersionRecorder
     observer: InferenceObserver  # the same object as `stats`
+    # Batch sizes of the request forms that validated, by their `checked_as` key (submit).
+    _checked: dict[Hashable, int] = field(default_factory=dict, repr=False)
 
-    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+    def submit(
+        self, request: InferRequest, checked_as: Hashable | None = None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
         """Validate and queue a request. Raises PipeserveError at once when it cannot be
         accepted, recording the failure in this version's statistics. Call it in the same
-        synchronous step as the lookup that returned this version (see the module docstring)."""
+        synchronous step as the lookup that returned this version (see the module docstring).
+
+        `checked_as`: a key the caller gives only to requests whose input names, datatypes and
+        shapes and outputs asked for are all the same (api/request_wire.py's kept heads): such
+        a form is validated once, its batch size kept (bounded)."""
         try:
-            self.spec.validate(request)
+            if checked_as is None:
+                self.spec.validate(request)
+            else:
+                batch_size = self._checked.get(checked_as)
+                if batch_size is None:
+                    self.spec.validate(request)
+                    if len(self._checked) >= _CHECKED_MAX:
+                        self._checked.clear()
+                    self._checked[checked_as] = request.batch_size
+                else:
+                    request.batch_size = batch_size
             return self.scheduler.submit(request)
         except PipeserveError as exc:
             self.observer.request_failed(exc.reason, time.monotonic_ns() - request.arrival_ns)

@@ -198,3 +198,24 @@ def test_readiness_follows_every_model_and_each_change_is_told(tmp_path):
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_form_given_a_key_is_validated_once_and_its_batch_size_kept(tmp_path):
+    om.write_model(tmp_path, "scale", om.scale(2.0))
+
+    async def scenario() -> None:
+        registry = Registry(tmp_path)
+        await registry.load("scale")
+        served = registry.lookup("scale", "")
+        form, bad_form = object(), object()
+        for rows in (3, 3):  # the second takes the kept batch size
+            request = _request(np.ones((rows, 4), np.float32))
+            out = await served.submit(request, checked_as=form)
+            assert request.batch_size == 3
+            assert out["y"].tolist() == [[2.0] * 4] * 3
+        for _ in range(2):  # a form that fails is not kept: it fails every time
+            with pytest.raises(InvalidInputError, match="unexpected shape for input 'x'"):
+                served.submit(_request(np.ones((1, 5), np.float32)), checked_as=bad_form)
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -50,11 +50,12 @@ def parameter_value(param: pb.InferParameter) -> Any:
     return getattr(param, which) if which else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class RequestHead:
     """All a ModelInferRequest with raw_input_contents says besides those bytes, checked: each
     input's name, datatype and shape, the outputs asked for and the parameters. The same for
-    every request a client sends with the same header, so api/request_wire.py keeps it."""
+    every request a client sends with the same header, so api/request_wire.py keeps it.
+    Compared and hashed by identity (a key of ServedVersion.submit)."""
 
     model_name: str
     model_version: str

@@ -121,7 +121,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 # are checked.
                 served = self._dp.lookup(head.model_name, head.model_version)
                 request = head.request(raw, request_id)
-                outputs = self._dp.submit(served, request)
+                # Every request of one head has the same tensor names, datatypes, shapes
+                # and outputs asked for: the served version validates that form once.
+                outputs = self._dp.submit(served, request, checked_as=head)
         except Exception as exc:
             raise refusal(exc, "ModelInfer") from None
         return outputs, functools.partial(self._finish_direct, served, request)

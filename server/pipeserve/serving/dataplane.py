@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,15 +180,16 @@ class DataPlane:
         return self.respond(served, request, outputs)
 
     def submit(
-        self, served: ServedVersion, request: InferRequest
+        self, served: ServedVersion, request: InferRequest, checked_as: Hashable | None = None
     ) -> asyncio.Future[dict[str, np.ndarray]]:
         """`infer`'s first half, for callers that wait without a coroutine: validate and queue
         now (raises PipeserveError when refused), the future holds the outputs; hand them to
-        `respond`. Cancelling the future drops a request that has not run yet."""
+        `respond`. Cancelling the future drops a request that has not run yet. `checked_as`:
+        see ServedVersion.submit."""
         if request.classification:
             declared = {o.name: o.datatype for o in served.spec.outputs}
             check_requested(request.classification, declared, served.name)
-        return served.submit(request)
+        return served.submit(request, checked_as)
 
     def respond(
         self, served: ServedVersion, request: InferRequest, outputs: dict[str, np.ndarray]
