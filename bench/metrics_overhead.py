@@ -1,7 +1,7 @@
 """What recording metrics costs: per request in process, and as server throughput on vs off.
 
 Part 1 (in process): the observer calls the scheduler makes for one request (pending +1,
-execution_done, request_succeeded, pending -1), timed for
+execution_done, requests_succeeded, pending -1), timed for
   - ModelStats alone (the server with --no-metrics),
   - FanOut(ModelStats, ModelMetrics) (the server with metrics),
   - FanOut(ModelStats, prometheus_client children) recording the same series the usual way
@@ -78,18 +78,19 @@ class PrometheusClientObserver:
         self.compute_h = hist("compute_h").labels(*values)
         self.batch_h = Histogram("batch_h", "b", labels, registry=registry).labels(*values)
 
-    def request_succeeded(
-        self, batch_size: int, total_ns: int, queue_ns: int, execution: ExecutionTimings
+    def requests_succeeded(
+        self, execution: ExecutionTimings, requests: list[tuple[int, int, int]]
     ) -> None:
-        self.success.inc()
-        self.count.inc(batch_size)
-        self.request_us.inc(total_ns / 1e3)
-        self.queue_us.inc(queue_ns / 1e3)
-        self.input_us.inc(execution.compute_input_ns / 1e3)
-        self.infer_us.inc(execution.compute_infer_ns / 1e3)
-        self.output_us.inc(execution.compute_output_ns / 1e3)
-        self.request_h.observe(total_ns / 1e9)
-        self.queue_h.observe(queue_ns / 1e9)
+        for batch_size, total_ns, queue_ns in requests:
+            self.success.inc()
+            self.count.inc(batch_size)
+            self.request_us.inc(total_ns / 1e3)
+            self.queue_us.inc(queue_ns / 1e3)
+            self.input_us.inc(execution.compute_input_ns / 1e3)
+            self.infer_us.inc(execution.compute_infer_ns / 1e3)
+            self.output_us.inc(execution.compute_output_ns / 1e3)
+            self.request_h.observe(total_ns / 1e9)
+            self.queue_h.observe(queue_ns / 1e9)
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         self.failure.inc()
@@ -110,12 +111,12 @@ def per_request_ns(observer: object, n: int) -> float:
     execution = ExecutionTimings(1, 20_000, 300_000, 15_000)
     pending = observer.pending_changed  # type: ignore[attr-defined]
     done = observer.execution_done  # type: ignore[attr-defined]
-    succeeded = observer.request_succeeded  # type: ignore[attr-defined]
+    succeeded = observer.requests_succeeded  # type: ignore[attr-defined]
     start = time.perf_counter_ns()
     for i in range(n):
         pending(1)
         done(execution)
-        succeeded(1, 400_000 + i, 30_000, execution)
+        succeeded(execution, [(1, 400_000 + i, 30_000)])
         pending(-1)
     return (time.perf_counter_ns() - start) / n
 
@@ -147,7 +148,7 @@ def render_ms(models: int, repeats: int = 5) -> float:
     for i in range(models):
         m = metrics.bind_model(f"model_{i}", 1)
         m.execution_done(execution)
-        m.request_succeeded(1, 400_000, 30_000, execution)
+        m.requests_succeeded(execution, [(1, 400_000, 30_000)])
     times = []
     for _ in range(repeats):
         start = time.perf_counter_ns()

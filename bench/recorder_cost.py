@@ -1,5 +1,5 @@
 """Per-request recording cost, in process: the four observer calls the scheduler makes for one
-request (pending +1, execution_done, request_succeeded, pending -1) on the recorder a served
+request (pending +1, execution_done, requests_succeeded, pending -1) on the recorder a served
 version gets with metrics on. Before issue 11 that was FanOut(ModelStats, ModelMetrics); now it
 is one ModelMetrics (a ModelStats). Point PYTHONPATH at a tree's server/ to time that tree:
 
@@ -36,7 +36,7 @@ def time_once() -> float:
     for _ in range(REQUESTS):
         o.pending_changed(1)  # type: ignore[attr-defined]
         o.execution_done(EXECUTION)  # type: ignore[attr-defined]
-        o.request_succeeded(1, 80_000, 5_000, EXECUTION)  # type: ignore[attr-defined]
+        o.requests_succeeded(EXECUTION, [(1, 80_000, 5_000)])  # type: ignore[attr-defined]
         o.pending_changed(-1)  # type: ignore[attr-defined]
     return (time.perf_counter_ns() - start) / REQUESTS / 1000
 

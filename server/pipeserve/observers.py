@@ -23,11 +23,12 @@ class ExecutionTimings:
 
 
 class InferenceObserver(Protocol):
-    def request_succeeded(
-        self, batch_size: int, total_ns: int, queue_ns: int, execution: ExecutionTimings
+    def requests_succeeded(
+        self, execution: ExecutionTimings, requests: Sequence[tuple[int, int, int]]
     ) -> None:
-        """A request got its response. `batch_size` is the request's own batch dimension;
-        `execution` is the batch it ran in (compute time is shared by every request of a batch)."""
+        """Requests of one execution got their responses (one call per batch, not per
+        request): each is (its own batch dimension, total ns, queue ns); `execution` is the
+        batch they ran in (compute time is shared by every request of a batch)."""
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         """A request was answered with an error.
@@ -49,11 +50,11 @@ class FanOut:
     def __init__(self, observers: Sequence[InferenceObserver]) -> None:
         self._observers = tuple(observers)
 
-    def request_succeeded(
-        self, batch_size: int, total_ns: int, queue_ns: int, execution: ExecutionTimings
+    def requests_succeeded(
+        self, execution: ExecutionTimings, requests: Sequence[tuple[int, int, int]]
     ) -> None:
         for o in self._observers:
-            o.request_succeeded(batch_size, total_ns, queue_ns, execution)
+            o.requests_succeeded(execution, requests)
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         for o in self._observers:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeserve.observers import ExecutionTimings
@@ -68,12 +69,12 @@ class ModelStats:
         self._compute_output = Duration()
         self._batch: dict[int, BatchStats] = {}
 
-    def request_succeeded(
-        self, batch_size: int, total_ns: int, queue_ns: int, execution: ExecutionTimings
+    def requests_succeeded(
+        self, execution: ExecutionTimings, requests: Sequence[tuple[int, int, int]]
     ) -> None:
         now_ms = time.time_ns() // 1_000_000  # wall clock on purpose: a timestamp, not a duration
         with self._lock:
-            self._count_success(now_ms, batch_size, total_ns, queue_ns, execution)
+            self._count_success(now_ms, execution, requests)
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         with self._lock:
@@ -86,20 +87,22 @@ class ModelStats:
     # Callers hold self._lock (a subclass adds its own counts under the same acquisition).
 
     def _count_success(
-        self,
-        now_ms: int,
-        batch_size: int,
-        total_ns: int,
-        queue_ns: int,
-        execution: ExecutionTimings,
+        self, now_ms: int, execution: ExecutionTimings, requests: Sequence[tuple[int, int, int]]
     ) -> None:
+        n = len(requests)
+        items = total = queue = 0
+        for batch_size, total_ns, queue_ns in requests:
+            items += batch_size
+            total += total_ns
+            queue += queue_ns
         self._last_inference_ms = now_ms
-        self._inference_count += batch_size
-        self._success.add(total_ns)
-        self._queue.add(queue_ns)
-        self._compute_input.add(execution.compute_input_ns)
-        self._compute_infer.add(execution.compute_infer_ns)
-        self._compute_output.add(execution.compute_output_ns)
+        self._inference_count += items
+        self._success.add(total, n)
+        self._queue.add(queue, n)
+        # Every request of the batch is counted with the batch's compute time (as Triton does).
+        self._compute_input.add(execution.compute_input_ns * n, n)
+        self._compute_infer.add(execution.compute_infer_ns * n, n)
+        self._compute_output.add(execution.compute_output_ns * n, n)
 
     def _count_execution(self, execution: ExecutionTimings) -> None:
         self._execution_count += 1

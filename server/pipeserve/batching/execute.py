@@ -118,11 +118,13 @@ def execute_batch(
     t3 = time.monotonic_ns()
     timings = ExecutionTimings(sum(p.request.batch_size for p in live), t1 - t0, t2 - t1, t3 - t2)
     observer.execution_done(timings)
-    for p in live:
-        request = p.request
-        observer.request_succeeded(
-            request.batch_size, t3 - request.arrival_ns, p.dequeued_ns - request.arrival_ns, timings
-        )
+    observer.requests_succeeded(
+        timings,
+        [
+            (p.request.batch_size, t3 - p.request.arrival_ns, p.dequeued_ns - p.request.arrival_ns)
+            for p in live
+        ],
+    )
     observer.pending_changed(-len(live))
     resolve_all([(p, result, None) for p, result in zip(live, parts, strict=True)], on_loop)
 

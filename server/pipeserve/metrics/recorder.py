@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -248,16 +248,20 @@ class ModelMetrics(ModelStats):
 
     # -- InferenceObserver -------------------------------------------------------------------
 
-    def request_succeeded(
-        self, batch_size: int, total_ns: int, queue_ns: int, execution: ExecutionTimings
+    def requests_succeeded(
+        self, execution: ExecutionTimings, requests: Sequence[tuple[int, int, int]]
     ) -> None:
-        ri = bisect_left(LATENCY_BOUNDS_NS, total_ns)
-        qi = bisect_left(LATENCY_BOUNDS_NS, queue_ns)
+        slots = [
+            (bisect_left(LATENCY_BOUNDS_NS, total_ns), bisect_left(LATENCY_BOUNDS_NS, queue_ns))
+            for _, total_ns, queue_ns in requests
+        ]
         now_ms = time.time_ns() // 1_000_000  # ModelStatistics' last_inference: a timestamp
         with self._lock:
-            self._count_success(now_ms, batch_size, total_ns, queue_ns, execution)
-            self._request_buckets[ri] += 1
-            self._queue_buckets[qi] += 1
+            self._count_success(now_ms, execution, requests)
+            request_buckets, queue_buckets = self._request_buckets, self._queue_buckets
+            for ri, qi in slots:
+                request_buckets[ri] += 1
+                queue_buckets[qi] += 1
 
     def request_failed(self, reason: str, total_ns: int) -> None:
         index = _REASON_INDEX.get(reason, _OTHER)

@@ -69,7 +69,7 @@ def test_triton_counters_are_exposed_with_bare_names_and_counter_type() -> None:
     m = metrics.bind_model("resnet", 3)
     execution = timings(2)
     m.execution_done(execution)
-    m.request_succeeded(2, 3_000_000, 500_000, execution)
+    m.requests_succeeded(execution, [(2, 3_000_000, 500_000)])
     text = render_metrics(registry).decode()
 
     for name in TRITON_COUNTERS:
@@ -96,7 +96,7 @@ def test_microsecond_counters_accumulate_nanoseconds_before_rounding() -> None:
     m = metrics.bind_model("m", 1)
     execution = timings(1, cin=600, infer=600, cout=600)
     for _ in range(5):  # 5 x 0.6 us: 3 us, where rounding each request would give 0
-        m.request_succeeded(1, 600, 600, execution)
+        m.requests_succeeded(execution, [(1, 600, 600)])
     text = render_metrics(registry).decode()
     assert 'nv_inference_request_duration_us{model="m",version="1"} 3\n' in text
     assert 'nv_inference_queue_duration_us{model="m",version="1"} 3\n' in text
@@ -109,7 +109,7 @@ def test_each_request_of_a_batch_is_charged_the_batch_compute_time_like_triton()
     execution = timings(3, cin=0, infer=1_000_000, cout=0)
     m.execution_done(execution)
     for _ in range(3):
-        m.request_succeeded(1, 2_000_000, 0, execution)
+        m.requests_succeeded(execution, [(1, 2_000_000, 0)])
     assert (
         value(
             registry,
@@ -155,9 +155,9 @@ def test_latency_buckets_are_upper_inclusive_and_span_10us_to_60s() -> None:
     registry, metrics = new_metrics()
     m = metrics.bind_model("m", 1)
     execution = timings(1)
-    m.request_succeeded(1, 1_000_000, 9_999, execution)  # exactly 1 ms; just under 10 us
-    m.request_succeeded(1, 1_000_001, 10_000, execution)  # just over 1 ms; exactly 10 us
-    m.request_succeeded(1, 61_000_000_000, 0, execution)  # beyond the last bound
+    m.requests_succeeded(execution, [(1, 1_000_000, 9_999)])  # exactly 1 ms; just under 10 us
+    m.requests_succeeded(execution, [(1, 1_000_001, 10_000)])  # just over 1 ms; exactly 10 us
+    m.requests_succeeded(execution, [(1, 61_000_000_000, 0)])  # beyond the last bound
 
     def bucket(family: str, le: str) -> float:
         return value(registry, family, family + "_bucket", model="m", version="1", le=le)
@@ -174,6 +174,22 @@ def test_latency_buckets_are_upper_inclusive_and_span_10us_to_60s() -> None:
     assert value(registry, request, request + "_sum", model="m", version="1") == pytest.approx(
         (1_000_000 + 1_000_001 + 61_000_000_000) / 1e9
     )
+
+
+def test_one_call_for_a_batch_counts_as_one_call_per_request() -> None:
+    requests = [(1, 900_000, 5_000), (2, 2_500_000, 40_000), (4, 70_000_000_000, 0)]
+    execution = timings(7)
+    registry_batch, metrics_batch = new_metrics()
+    metrics_batch.bind_model("m", 1).requests_succeeded(execution, requests)
+    registry_each, metrics_each = new_metrics()
+    each = metrics_each.bind_model("m", 1)
+    for request in requests:
+        each.requests_succeeded(execution, [request])
+    text = render_metrics(registry_batch).decode()
+    assert text == render_metrics(registry_each).decode()
+    assert 'nv_inference_request_success{model="m",version="1"} 3\n' in text
+    assert 'nv_inference_count{model="m",version="1"} 7\n' in text
+    assert 'nv_inference_compute_infer_duration_us{model="m",version="1"} 6000\n' in text
 
 
 def test_compute_and_batch_size_histograms_count_executions() -> None:
@@ -304,7 +320,7 @@ def test_concurrent_recording_loses_nothing() -> None:
         for _ in range(per_thread):
             m.pending_changed(+1)
             m.execution_done(execution)
-            m.request_succeeded(2, 150_000, 20_000, execution)
+            m.requests_succeeded(execution, [(2, 150_000, 20_000)])
             m.pending_changed(-1)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
@@ -377,7 +393,7 @@ def test_one_recorder_feeds_model_statistics_and_prometheus() -> None:
     from pipeserve.metrics.recorder import FAILURE_REASONS
 
     m = ModelMetrics("m", 1)
-    m.request_succeeded(2, 5_000, 1_000, ExecutionTimings(2, 10, 20, 30))
+    m.requests_succeeded(ExecutionTimings(2, 10, 20, 30), [(2, 5_000, 1_000)])
     m.request_failed("REJECTED", 700)
     m.execution_done(ExecutionTimings(2, 10, 20, 30))
     rpc, prom = m.statistics(), m.snapshot()

@@ -21,7 +21,7 @@ def registry_with_model(name: str = "m") -> tuple[CollectorRegistry, ServerMetri
     m = metrics.bind_model(name, 1)
     execution = ExecutionTimings(1, 1_000, 1_000_000, 1_000)
     m.execution_done(execution)
-    m.request_succeeded(1, 2_000_000, 100_000, execution)
+    m.requests_succeeded(execution, [(1, 2_000_000, 100_000)])
     return registry, metrics
 
 
