@@ -67,24 +67,27 @@ class RequestHead:
     priority: int
     timeout_us: int
     classification: Mapping[str, int]
-    # Per tensor, its numpy dtype and byte count (None, 0 for BYTES), worked out once.
-    _layouts: tuple[tuple[np.dtype | None, int], ...] = field(init=False, repr=False)
+    # Per tensor: name, datatype, shape, numpy dtype and byte count (None, 0 for BYTES), in
+    # one tuple worked out once (request() unpacks one per input).
+    _plan: tuple[tuple[str, str, tuple[int, ...], np.dtype | None, int], ...] = field(
+        init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
-        layouts = [
-            (None, 0) if datatype == "BYTES" else (dtype, math.prod(shape) * dtype.itemsize)
-            for _, datatype, shape in self.tensors
-            for dtype in (numpy_dtype(datatype),)
-        ]
-        object.__setattr__(self, "_layouts", tuple(layouts))
+        plan: list[tuple[str, str, tuple[int, ...], np.dtype | None, int]] = []
+        for name, datatype, shape in self.tensors:
+            if datatype == "BYTES":
+                plan.append((name, datatype, shape, None, 0))
+            else:
+                dtype = numpy_dtype(datatype)
+                plan.append((name, datatype, shape, dtype, math.prod(shape) * dtype.itemsize))
+        object.__setattr__(self, "_plan", tuple(plan))
 
     def request(self, raw: Sequence[bytes], request_id: str | None = None) -> InferRequest:
         """The request of this head with `raw` (one entry per input, in order: the caller has
         counted them) as its tensors; `request_id` replaces the head's own."""
         inputs: dict[str, np.ndarray] = {}
-        for (name, datatype, shape), (dtype, size), data in zip(
-            self.tensors, self._layouts, raw, strict=True
-        ):
+        for (name, datatype, shape, dtype, size), data in zip(self._plan, raw, strict=True):
             if dtype is not None and len(data) == size:
                 # A read-only view on the request's buffer: no copy.
                 inputs[name] = np.ndarray(shape, dtype, data)

@@ -5,7 +5,8 @@ The bytes are exactly those of `codec.encode_response(...).SerializeToString()` 
 field-number order, proto3 defaults left out, `shape` packed; tests/unit/api/test_response_wire.py
 compares both). What makes it cheaper than building the message: an output's tensor header (name,
 datatype, shape) is the same for every answer of a given shape, so its encoding is kept and
-reused; the message is one join of parts, with no message objects, ByteSize or serializer pass.
+reused, as are the model's name and version fields; the message is one join of parts, with no
+message objects, ByteSize or serializer pass.
 
 ModelStreamInfer and the grpc.aio front end still answer with the message (codec.py).
 """
@@ -25,6 +26,8 @@ _TENSOR_NAME, _TENSOR_DATATYPE, _TENSOR_SHAPE = b"\x0a", b"\x12", b"\x1a"
 # dimensions), so the table is bounded: emptied when full, it refills from what is current.
 _HEADERS_MAX = 4096
 _headers: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+# The model name and version fields by (name, version), bounded the same way.
+_models: dict[tuple[str, str], bytes] = {}
 
 
 def varint(n: int) -> bytes:
@@ -58,12 +61,20 @@ def _tensor_header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     return header
 
 
+def _model_fields(name: str, version: str) -> bytes:
+    key = (name, version)
+    encoded = _models.get(key)
+    if encoded is None:
+        encoded = _field(_MODEL_NAME, name.encode()) if name else b""
+        encoded += _field(_MODEL_VERSION, version.encode()) if version else b""
+        if len(_models) >= _HEADERS_MAX:
+            _models.clear()
+        _models[key] = encoded
+    return encoded
+
+
 def encode_response_bytes(response: InferResponse, spec: ModelSpec) -> bytes:
-    parts: list[bytes] = []
-    if response.model_name:
-        parts.append(_field(_MODEL_NAME, response.model_name.encode()))
-    if response.model_version:
-        parts.append(_field(_MODEL_VERSION, response.model_version.encode()))
+    parts = [_model_fields(response.model_name, response.model_version)]
     if response.request_id:
         parts.append(_field(_ID, response.request_id.encode()))
     contents: list[bytes] = []

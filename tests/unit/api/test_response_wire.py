@@ -85,3 +85,13 @@ def test_kept_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         expected = encode_response(response, SPEC).SerializeToString()
         assert encode_response_bytes(response, SPEC) == expected
         assert len(response_wire._headers) <= 4
+
+
+def test_kept_model_fields_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(response_wire, "_HEADERS_MAX", 4)
+    monkeypatch.setattr(response_wire, "_models", {})
+    for i in range(20):
+        response = InferResponse(f"m{i % 7}", str(i % 3) if i % 5 else "", "", {"y": np.ones(1)})
+        expected = encode_response(response, SPEC).SerializeToString()
+        assert encode_response_bytes(response, SPEC) == expected
+        assert len(response_wire._models) <= 4
