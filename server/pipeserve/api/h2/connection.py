@@ -665,18 +665,18 @@ class Connection(asyncio.Protocol):
             self._arm(self._last_read)
         view = memoryview(src)
         end = len(src)
+        read_header = f.read_header
         try:
             while end - pos >= 9:
-                length = (src[pos] << 16) | (src[pos + 1] << 8) | src[pos + 2]
+                high, low, kind, flags, stream_id = read_header(src, pos)
+                length = (high << 16) | low
                 if length > MAX_RECV_FRAME:
                     raise ConnectionError_(
                         f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}"
                     )
                 if end - pos - 9 < length:
                     break
-                kind = src[pos + 3]
-                flags = src[pos + 4]
-                stream_id = f.u32(view[pos + 5 : pos + 9])
+                stream_id &= 0x7FFF_FFFF  # the reserved bit is ignored on receipt (4.1)
                 payload = view[pos + 9 : pos + 9 + length]
                 pos += 9 + length
                 try:

@@ -56,6 +56,9 @@ DEFAULT_MAX_FRAME = 16_384
 MAX_WINDOW = 2**31 - 1
 
 _HEADER = struct.Struct(">BHBBI")
+# A frame header read in one call (length's high byte, its low 16 bits, type, flags, stream
+# id with its reserved bit): the receive loop runs it for every frame.
+read_header = _HEADER.unpack_from
 _U32 = struct.Struct(">I")
 _SETTING = struct.Struct(">HI")
 _GOAWAY = struct.Struct(">II")
