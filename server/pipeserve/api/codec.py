@@ -112,16 +112,19 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     # (api/request_wire.py) does not take: each protobuf field access costs, so every field is
     # read once and the inputs are walked once.
     raw = msg.raw_input_contents
-    if raw:
-        return decode_head(msg, len(raw)).request(raw)
     inputs: dict[str, np.ndarray] = {}
-    datatypes: dict[str, str] = {}
-    for tensor in msg.inputs:
-        name = tensor.name
-        _check_tensor(tensor, name, inputs)
-        datatype = tensor.datatype
-        datatypes[name] = datatype
-        inputs[name] = _decode_contents(tensor, name, datatype)
+    if raw:
+        # The head's checks and the tensors in one walk (a RequestHead is worth building only
+        # to be kept).
+        _, datatypes = _raw_tensors(msg, len(raw), raw, inputs)
+    else:
+        datatypes = {}
+        for tensor in msg.inputs:
+            name = tensor.name
+            _check_tensor(tensor, name, inputs)
+            datatype = tensor.datatype
+            datatypes[name] = datatype
+            inputs[name] = _decode_contents(tensor, name, datatype)
     params = _parameters(msg)
     requested, classification = _outputs(msg)
     return InferRequest(
@@ -141,6 +144,32 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
 def decode_head(msg: pb.ModelInferRequest, raw_count: int) -> RequestHead:
     """The head of a request that carries `raw_count` (> 0) raw_input_contents entries; `msg`'s
     own raw_input_contents are not read. Raises for every fault but a tensor's byte count."""
+    tensors, datatypes = _raw_tensors(msg, raw_count)
+    params = _parameters(msg)
+    requested, classification = _outputs(msg)
+    return RequestHead(
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        tensors,
+        requested,
+        params,
+        datatypes,
+        _int_param(params, "priority") if params else 0,
+        _int_param(params, "timeout") if params else 0,
+        classification,
+    )
+
+
+def _raw_tensors(
+    msg: pb.ModelInferRequest,
+    raw_count: int,
+    raw: Sequence[bytes] = (),
+    arrays: dict[str, np.ndarray] | None = None,
+) -> tuple[tuple[tuple[str, str, tuple[int, ...]], ...], dict[str, str]]:
+    """Each input's (name, datatype, shape), checked, for `raw_count` raw_input_contents
+    entries; and the datatypes by name. With `raw` (those entries) each tensor goes into
+    `arrays` too, as soon as its head is checked."""
     tensors = msg.inputs
     if raw_count != len(tensors):
         _refuse_mixed_contents(msg)  # checked first: Triton's answer names that input
@@ -157,21 +186,12 @@ def decode_head(msg: pb.ModelInferRequest, raw_count: int) -> RequestHead:
         datatype = tensor.datatype
         _dtype(name, datatype)  # a missing or unknown datatype is named before the shape
         datatypes[name] = datatype
-        heads.append((name, datatype, _shape(name, tensor.shape)))
-    params = _parameters(msg)
-    requested, classification = _outputs(msg)
-    return RequestHead(
-        msg.model_name,
-        msg.model_version,
-        msg.id,
-        tuple(heads),
-        requested,
-        params,
-        datatypes,
-        _int_param(params, "priority") if params else 0,
-        _int_param(params, "timeout") if params else 0,
-        classification,
-    )
+        shape = _shape(name, tensor.shape)
+        if arrays is not None:
+            # A read-only view on the request's buffer for fixed-size datatypes: no copy.
+            arrays[name] = array_from_raw(name, datatype, shape, raw[len(heads)])
+        heads.append((name, datatype, shape))
+    return tuple(heads), datatypes
 
 
 def _parameters(msg: pb.ModelInferRequest) -> dict[str, Any]:
