@@ -3,7 +3,8 @@ batching off, on (delay 0), with fixed delays and in adaptive mode, at concurren
 next to two limits measured in the same run:
 
 - onnxruntime in-process at the batch sizes the server formed (ModelStatistics batch_stats of
-  that very measurement, each size timed in this process with the server's session options);
+  that very measurement, each size timed in this process with the server's session options, or
+  with `--limit-threads N` intra-op threads: 0 is onnxruntime's own default, all cores);
 - do-nothing servers (bench/noop_server.py) that only decode requests and answer, one on
   grpc.aio and one on pipeserve's own HTTP/2 transport (api/h2): the ceiling of per-request gRPC
   work in Python on this machine. The faster of the two is the gRPC limit.
@@ -254,6 +255,12 @@ def main() -> None:
         "--instances", type=int, default=0, help="instance_group count (0: config default)"
     )
     parser.add_argument(
+        "--limit-threads",
+        type=int,
+        help="intra-op threads of the in-process onnxruntime limit (default: the server's; "
+        "0: onnxruntime's default)",
+    )
+    parser.add_argument(
         "--triton",
         type=Path,
         help="a tritonserver folder (bin/, backends/, python_backend_stubs/: PyTriton's) to "
@@ -311,7 +318,9 @@ def main() -> None:
                 )
                 urls[TRITON] = f"127.0.0.1:{triton_port}"
                 targets.append(TRITON)
-            timer = OrtTimer(model, threads)
+            limit_threads = threads if args.limit_threads is None else args.limit_threads
+            print(f"in-process limit: intra_op_num_threads={limit_threads} (0: onnxruntime's)")
+            timer = OrtTimer(model, limit_threads)
             clients = {
                 u: grpcclient.InferenceServerClient(u)
                 for u in (url, urls[ON_GRPCIO], urls.get(TRITON))
