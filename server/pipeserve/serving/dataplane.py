@@ -173,10 +173,13 @@ class DataPlane:
     def lookup(self, name: str, version: str = "") -> ServedVersion:
         return self._registry.lookup(name, version)
 
-    async def infer(self, served: ServedVersion, request: InferRequest) -> InferResponse:
+    async def infer(
+        self, served: ServedVersion, request: InferRequest, checked_as: Hashable | None = None
+    ) -> InferResponse:
         """Validate and queue `request` on `served` (synchronously: call it right after `lookup`,
-        with no await between), then wait for its outputs."""
-        outputs = await self.submit(served, request)
+        with no await between), then wait for its outputs. `checked_as`: see
+        ServedVersion.submit."""
+        outputs = await self.submit(served, request, checked_as)
         return self.respond(served, request, outputs)
 
     def submit(

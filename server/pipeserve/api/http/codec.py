@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from pipeserve.api.http.binary_heads import BinaryHead, BinaryHeads
 from pipeserve.classification import PARAMETER as CLASSIFICATION
 from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
@@ -99,9 +100,21 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
 
 
 def decode_infer(
-    model_name: str, model_version: str, body: bytes, header_size: int | None
-) -> tuple[InferRequest, OutputChoice]:
+    model_name: str,
+    model_version: str,
+    body: bytes,
+    header_size: int | None,
+    heads: BinaryHeads | None = None,
+) -> tuple[InferRequest, OutputChoice, BinaryHead | None]:
+    """The request, how its outputs go back, and its kept head when it has one (`heads`: the
+    table to read and fill, api/http/binary_heads.py)."""
     view = memoryview(body)
+    header = b""
+    if heads is not None and header_size is not None:
+        header = body[:header_size]
+        head = heads.get(header)
+        if head is not None and len(body) == header_size + head.sections_size:
+            return head.request(model_name, model_version, view, header_size), head.choice, head
     json_end = len(body) if header_size is None else header_size
     doc = parse_json(view[:json_end], "inference request")
     if not isinstance(doc, dict):
@@ -134,6 +147,9 @@ def decode_infer(
         )
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    # (name, datatype, shape, bytes) of each binary input, for a kept head; None once an
+    # input comes as JSON data (its values are in the header: not worth keeping).
+    sections: list[tuple[str, str, tuple[int, ...], int]] | None = []
     offset = json_end
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
@@ -182,8 +198,11 @@ def decode_infer(
                 )
             inputs[name] = array_from_raw(name, datatype, shape, view[offset : offset + size])
             offset += size
+            if sections is not None:
+                sections.append((name, datatype, shape, size))
         elif "data" in raw:
             inputs[name] = _from_json(raw["data"], name, datatype, shape)
+            sections = None
         else:
             raise InvalidInputError(
                 f"input '{name}' has neither 'data' nor a 'binary_data_size' parameter"
@@ -195,21 +214,36 @@ def decode_infer(
         )
 
     requested, binary, classification = _outputs(doc.get("outputs"))
-    return (
-        InferRequest(
-            model_name,
-            model_version,
+    priority = int(params.get("priority", 0)) if params else 0
+    timeout_us = int(params.get("timeout", 0)) if params else 0
+    choice = OutputChoice(default_binary, binary)
+    kept = None
+    if heads is not None and header_size is not None and sections:
+        kept = BinaryHead(
             request_id,
-            inputs,
-            requested,
+            tuple(sections),
             params,
             datatypes,
-            int(params.get("priority", 0)) if params else 0,
-            int(params.get("timeout", 0)) if params else 0,
+            requested,
             classification,
-        ),
-        OutputChoice(default_binary, binary),
+            priority,
+            timeout_us,
+            choice,
+        )
+        heads.keep(header, kept)
+    request = InferRequest(
+        model_name,
+        model_version,
+        request_id,
+        inputs,
+        requested,
+        params,
+        datatypes,
+        priority,
+        timeout_us,
+        classification,
     )
+    return request, choice, kept
 
 
 def decode_raw(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeserve.api.http import views
+from pipeserve.api.http.binary_heads import BinaryHeads
 from pipeserve.api.http.codec import (
     INFER_HEADER,
     decode_infer,
@@ -156,6 +157,7 @@ class Router:
     ) -> None:
         self._dp = dataplane
         self._restrictions = restrictions or Restrictions(noun="API")
+        self._heads = BinaryHeads()  # kept JSON headers of binary requests (event loop only)
         # Bound on a decompressed body (the server's --max-message-bytes, as for plain bodies).
         self._limit = max_body_bytes
         self._routes = ROUTES + REPOSITORY_ROUTES
@@ -230,11 +232,13 @@ class Router:
         served = self._dp.lookup(name, version)
         body = decompress(request.body, request.headers.get(b"content-encoding"), self._limit)
         size = header_length(request.headers.get(INFER_HEADER), len(body))
+        form = None
         if size == 0:
             infer_request, choice = decode_raw(name, version, body, served.spec)
         else:
-            infer_request, choice = decode_infer(name, version, body, size)
-        response = await self._dp.infer(served, infer_request)
+            infer_request, choice, form = decode_infer(name, version, body, size, self._heads)
+        # Every request of one kept head has the same form: validated once (checked_as).
+        response = await self._dp.infer(served, infer_request, checked_as=form)
         encoded = encode_infer(response, served.spec, choice)
         self._dp.check_response_size(served, encoded.size)
         headers: list[tuple[bytes, bytes]] = []

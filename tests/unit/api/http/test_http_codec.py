@@ -29,7 +29,8 @@ def _body(doc: dict, *sections: bytes) -> tuple[bytes, int | None]:
 
 def _decode(doc: dict, *sections: bytes):
     body, size = _body(doc, *sections)
-    return decode_infer("m", "", body, size)
+    request, choice, _ = decode_infer("m", "", body, size)
+    return request, choice
 
 
 def _input(name="x", datatype="FP32", shape=(2, 2), **extra):
