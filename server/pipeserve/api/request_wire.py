@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pipeserve.api.codec import RequestHead, decode_head
 from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.api.head_table import HeadTable
 
 # One-byte keys (field number << 3 | 2, length-delimited) of ModelInferRequest's fields 1-6
 # (model_name, model_version, id, parameters, inputs, outputs) ...
@@ -27,19 +28,12 @@ _ID = 0x1A
 # ... and of field 7, raw_input_contents.
 _RAW = 0x3A
 
-# Defaults: a client has a few request shapes; the table is bounded against one that sends a
-# new header with every request (each then costs what the full parse costs, plus the walk).
-HEADS_MAX = 1024
-HEADER_MAX_BYTES = 4096
-
 
 class RequestReader:
     """Splits ModelInferRequest bytes into a kept head and the raw tensors. Event-loop only."""
 
-    def __init__(self, max_heads: int = HEADS_MAX, max_header_bytes: int = HEADER_MAX_BYTES):
-        self._max_heads = max_heads
-        self._max_header = max_header_bytes
-        self._heads: dict[bytes, RequestHead] = {}
+    def __init__(self, heads: HeadTable[RequestHead] | None = None) -> None:
+        self._heads: HeadTable[RequestHead] = HeadTable() if heads is None else heads
 
     def __len__(self) -> int:
         """Heads kept."""
@@ -50,13 +44,13 @@ class RequestReader:
         buf = body
         n = len(buf)
         i = 0
+        header_end = 0  # where the header fields end and the contents begin
         id_at: tuple[int, int, int] | None = None  # key, value and end offsets of the id field
+        raw: list[bytes] = []
         while i < n:
             key = buf[i]
-            if key == _RAW:
-                break
-            if key not in _HEADER_KEYS:
-                return None
+            if key != _RAW and (raw or key not in _HEADER_KEYS):
+                return None  # an unknown field, or a header field after the contents
             length = buf[i + 1] if i + 1 < n else 0x80
             if length < 0x80:  # the usual one-byte length, read here: this runs per field
                 start = i + 2
@@ -65,27 +59,16 @@ class RequestReader:
             end = start + length
             if end > n:
                 return None
-            if key == _ID:
-                if id_at is not None:
-                    return None  # two ids: the last would win; leave that to the parser
-                id_at = (i, start, end)
-            i = end
-        header_end = i
-        raw: list[bytes] = []
-        while i < n:
-            if buf[i] != _RAW:
-                return None  # a header field after the contents
-            length = buf[i + 1] if i + 1 < n else 0x80
-            if length < 0x80:
-                start = i + 2
+            if key == _RAW:
+                raw.append(bytes(buf[start:end]))  # `body` is only valid during this call
             else:
-                length, start = _length(buf, i + 1)
-            end = start + length
-            if end > n:
-                return None
-            raw.append(bytes(buf[start:end]))  # `body` is only valid during this call
+                if key == _ID:
+                    if id_at is not None:
+                        return None  # two ids: the last would win; leave that to the parser
+                    id_at = (i, start, end)
+                header_end = end
             i = end
-        if not raw or header_end > self._max_header:
+        if not raw or header_end > self._heads.max_header_bytes:
             return None
         if id_at is None:
             header = bytes(buf[:header_end])
@@ -99,23 +82,14 @@ class RequestReader:
                 return None  # the parser names it
         head = self._heads.get(header)
         if head is None:
-            head = self._decode(header, len(raw))
-            if head is None:
+            try:
+                head = decode_head(pb.ModelInferRequest.FromString(header), len(raw))
+            except Exception:  # a parse error or a refusal: the full parse answers it
                 return None
+            self._heads.keep(header, head)
         elif len(head.tensors) != len(raw):
             return None  # the parser's decode names the count
         return head, raw, request_id
-
-    def _decode(self, header: bytes, raw_count: int) -> RequestHead | None:
-        try:
-            head = decode_head(pb.ModelInferRequest.FromString(header), raw_count)
-        except Exception:  # a parse error or a refusal: the full parse answers it
-            return None
-        heads = self._heads
-        if len(heads) >= self._max_heads:
-            del heads[next(iter(heads))]  # the oldest
-        heads[header] = head
-        return head
 
 
 def _length(buf: bytes | memoryview, i: int) -> tuple[int, int]:

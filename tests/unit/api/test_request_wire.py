@@ -10,9 +10,10 @@ import pytest
 
 from pipeserve.api.codec import decode_request
 from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.api.head_table import HeadTable
 from pipeserve.api.request_wire import RequestReader
 from pipeserve.errors import InvalidInputError
-from pipeserve.inference import InferRequest
+from tests.unit.api.same_request import assert_same_request
 
 
 def _message(
@@ -79,27 +80,6 @@ CASES = {
 }
 
 
-def _same(a: InferRequest, b: InferRequest) -> None:
-    for attr in (
-        "model_name",
-        "model_version",
-        "request_id",
-        "requested_outputs",
-        "parameters",
-        "datatypes",
-        "priority",
-        "timeout_us",
-        "classification",
-        "batch_size",
-    ):
-        assert getattr(a, attr) == getattr(b, attr), attr
-    assert list(a.inputs) == list(b.inputs)
-    for name, array in a.inputs.items():
-        other = b.inputs[name]
-        assert array.dtype == other.dtype and array.shape == other.shape, name
-        assert array.tolist() == other.tolist(), name
-
-
 @pytest.mark.parametrize("msg", CASES.values(), ids=CASES.keys())
 def test_a_read_request_equals_the_parsed_one_first_time_and_kept(
     msg: pb.ModelInferRequest,
@@ -111,7 +91,7 @@ def test_a_read_request_equals_the_parsed_one_first_time_and_kept(
         read = reader.read(memoryview(bytearray(body)))
         assert read is not None
         head, raw, request_id = read
-        _same(head.request(raw, request_id), expected)
+        assert_same_request(head.request(raw, request_id), expected)
     assert len(reader) == 1
 
 
@@ -204,12 +184,12 @@ def test_a_wrong_byte_count_is_refused_with_the_full_parse_s_words() -> None:
 
 
 def test_the_kept_heads_are_bounded_and_a_large_header_is_not_kept() -> None:
-    reader = RequestReader(max_heads=2, max_header_bytes=200)
+    reader = RequestReader(HeadTable(max_heads=2, max_header_bytes=200))
     bodies = [_message((f"in{i}", "FP32", [1], _f32(1))).SerializeToString() for i in range(5)]
     for body in bodies + bodies:
         read = reader.read(body)
         assert read is not None
-        _same(
+        assert_same_request(
             read[0].request(read[1], read[2]), decode_request(pb.ModelInferRequest.FromString(body))
         )
         assert len(reader) <= 2

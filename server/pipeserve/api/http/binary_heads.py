@@ -17,16 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeserve.api.head_table import HeadTable
 from pipeserve.inference import InferRequest
 from pipeserve.tensors import array_from_raw, element_size, numpy_dtype
 
 if TYPE_CHECKING:
     from pipeserve.api.http.codec import OutputChoice
-
-# Defaults: a client has a few request shapes; the table is bounded against one that sends a
-# new header with every request (each then costs its full decode, as without the table).
-HEADS_MAX = 1024
-HEADER_MAX_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -88,24 +84,5 @@ class BinaryHead:
         )
 
 
-class BinaryHeads:
-    """JSON header bytes -> BinaryHead, bounded (the oldest dropped first). Event-loop only."""
-
-    def __init__(self, max_heads: int = HEADS_MAX, max_header_bytes: int = HEADER_MAX_BYTES):
-        self._max_heads = max_heads
-        self.max_header_bytes = max_header_bytes
-        self._heads: dict[bytes, BinaryHead] = {}
-
-    def __len__(self) -> int:
-        return len(self._heads)
-
-    def get(self, header: bytes) -> BinaryHead | None:
-        return self._heads.get(header)
-
-    def keep(self, header: bytes, head: BinaryHead) -> None:
-        if len(header) > self.max_header_bytes:
-            return
-        heads = self._heads
-        if len(heads) >= self._max_heads:
-            del heads[next(iter(heads))]
-        heads[header] = head
+# JSON header bytes -> BinaryHead (api/head_table.py: bounded, the oldest dropped first).
+BinaryHeads = HeadTable[BinaryHead]

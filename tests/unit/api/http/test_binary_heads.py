@@ -12,7 +12,7 @@ import pytest
 from pipeserve.api.http.binary_heads import BinaryHeads
 from pipeserve.api.http.codec import decode_infer
 from pipeserve.errors import InvalidInputError
-from pipeserve.inference import InferRequest
+from tests.unit.api.same_request import assert_same_request
 
 
 def _binary(name: str, datatype: str, shape: list[int], data: bytes) -> tuple[dict, bytes]:
@@ -28,25 +28,6 @@ def _body(*inputs: tuple[dict, bytes], **doc: object) -> tuple[bytes, int]:
 
 def _f32(*shape: int, start: float = 0) -> bytes:
     return (np.arange(int(np.prod(shape)), dtype=np.float32) + start).tobytes()
-
-
-def _same(a: InferRequest, b: InferRequest) -> None:
-    for attr in (
-        "model_name",
-        "model_version",
-        "request_id",
-        "requested_outputs",
-        "parameters",
-        "datatypes",
-        "priority",
-        "timeout_us",
-        "classification",
-    ):
-        assert getattr(a, attr) == getattr(b, attr), attr
-    assert list(a.inputs) == list(b.inputs)
-    for name, array in a.inputs.items():
-        assert array.dtype == b.inputs[name].dtype and array.shape == b.inputs[name].shape
-        assert array.tolist() == b.inputs[name].tolist(), name
 
 
 CASES = {
@@ -73,7 +54,7 @@ def test_a_kept_head_reads_the_request_its_full_decode_gives(make) -> None:  # t
         body, size = make(start)
         kept_request, kept_choice, kept_head = decode_infer("m", "2", body, size, heads)
         assert kept_head is head and kept_choice == choice
-        _same(kept_request, decode_infer("m", "2", body, size)[0])
+        assert_same_request(kept_request, decode_infer("m", "2", body, size)[0])
 
 
 def test_json_data_inputs_and_json_only_bodies_are_not_kept() -> None:
