@@ -3,7 +3,8 @@ perf_analyzer or tritonclient with binary tensors; api/request_wire.py is gRPC's
 
 Such a client sends the same JSON header with every request (`Inference-Header-Content-Length`
 gives its size); only the binary sections after it change. So a header whose every input is a
-binary section is decoded and checked once (codec.decode_infer builds its `BinaryHead`), and a
+binary section, and that has no `id` (a client that sends one changes it every time), is
+decoded and checked once (codec.decode_infer builds its `BinaryHead`), and a
 later request with the same header bytes and the body size it implies costs a table lookup and
 one numpy view per input. Any other request is decoded in full, which gives the answer or the
 error: a kept head only answers bodies that its full decode accepted.

@@ -218,7 +218,9 @@ def decode_infer(
     timeout_us = int(params.get("timeout", 0)) if params else 0
     choice = OutputChoice(default_binary, binary)
     kept = None
-    if heads is not None and header_size is not None and sections:
+    # A header with an id is not kept: clients that send one change it with every request, so
+    # each would only push out a kept head.
+    if heads is not None and header_size is not None and sections and not request_id:
         kept = BinaryHead(
             request_id,
             tuple(sections),

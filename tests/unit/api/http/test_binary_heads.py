@@ -36,7 +36,6 @@ CASES = {
         _binary("a", "INT64", [1, 2], np.array([[start, 2]], np.int64).tobytes()),
         _binary("b", "FP16", [1, 3], np.full(3, start, np.float16).tobytes()),
         _binary("s", "BYTES", [2], struct.pack("<I", 2) + b"hi" + struct.pack("<I", 0)),
-        id="r-1",
         parameters={"priority": 2, "timeout": 500, "binary_data_output": True, "tag": "x"},
         outputs=[{"name": "y"}, {"name": "z", "parameters": {"classification": 2}}],
     ),
@@ -55,6 +54,15 @@ def test_a_kept_head_reads_the_request_its_full_decode_gives(make) -> None:  # t
         kept_request, kept_choice, kept_head = decode_infer("m", "2", body, size, heads)
         assert kept_head is head and kept_choice == choice
         assert_same_request(kept_request, decode_infer("m", "2", body, size)[0])
+
+
+def test_a_header_with_an_id_is_not_kept() -> None:
+    heads = BinaryHeads()
+    for request_id in ("a", "b"):
+        body, size = _body(_binary("x", "FP32", [1], _f32(1)), id=request_id)
+        request, _, head = decode_infer("m", "", body, size, heads)
+        assert head is None and request.request_id == request_id
+    assert len(heads) == 0
 
 
 def test_json_data_inputs_and_json_only_bodies_are_not_kept() -> None:
