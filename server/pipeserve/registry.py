@@ -119,8 +119,9 @@ class ServedVersion:
         synchronous step as the lookup that returned this version (see the module docstring).
 
         `checked_as`: a key the caller gives only to requests whose input names, datatypes and
-        shapes and outputs asked for are all the same (api/request_wire.py's kept heads): such
-        a form is validated once, its batch size kept (bounded)."""
+        shapes and outputs asked for are all the same (the kept heads of api/request_wire.py and
+        api/http/binary_heads.py): such a form is validated once, its batch size kept
+        (bounded)."""
         try:
             if checked_as is None:
                 self.spec.validate(request)
