@@ -6,7 +6,8 @@ bench/vs_triton.py (`max_batch_size: 32`, delay 0, one CPU instance). Each round
 server in turn (the order flips every round) with perf_analyzer in its default sync mode at
 concurrency 32 and divides the server process's CPU time over that run by the requests its
 statistics counted. Medians over rounds. `--protocol http` drives the REST endpoint instead
-(perf_analyzer `-i http`, binary tensors).
+(perf_analyzer `-i http`, binary tensors); `--streaming`, gRPC's ModelStreamInfer (one stream
+per perf_analyzer context).
 
     .venv/bin/python bench/request_cost.py --rounds 3 --src /work/wt/base --src .
 
@@ -60,7 +61,9 @@ def count(url: str, protocol: str) -> int:
         client.close()
 
 
-def over_sockets(sources: list[Path], protocol: str, rounds: int, window: float) -> None:
+def over_sockets(
+    sources: list[Path], protocol: str, rounds: int, window: float, streaming: bool = False
+) -> None:
     if not perf_analyzer_usable():
         sys.exit("perf_analyzer does not start here (see bench/loadgen.py)")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -81,7 +84,14 @@ def over_sockets(sources: list[Path], protocol: str, rounds: int, window: float)
                 url = f"127.0.0.1:{port}"
                 cpu0, n0 = cpu_seconds(pid), count(url, protocol)
                 load = run_perf_analyzer(
-                    url, "add_one", CONCURRENCY, window, SHAPE, mode="sync", protocol=protocol
+                    url,
+                    "add_one",
+                    CONCURRENCY,
+                    window,
+                    SHAPE,
+                    mode="sync",
+                    streaming=streaming,
+                    protocol=protocol,
                 )
                 cpu1, n1 = cpu_seconds(pid), count(url, protocol)
                 us = (cpu1 - cpu0) / max(n1 - n0, 1) * 1e6
@@ -186,6 +196,7 @@ def main() -> None:
         "--src", type=Path, action="append", required=True, help="checkout with server/ (repeat)"
     )
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--streaming", action="store_true", help="gRPC ModelStreamInfer")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per perf window")
     parser.add_argument("--in-process", action="store_true", help="no sockets (see above)")
@@ -196,7 +207,9 @@ def main() -> None:
     if args.in_process:
         in_process(sources, args.rounds, args.calls)
     else:
-        over_sockets(sources, args.protocol, args.rounds, args.window)
+        if args.streaming and args.protocol != "grpc":
+            parser.error("--streaming is gRPC's (ModelStreamInfer)")
+        over_sockets(sources, args.protocol, args.rounds, args.window, args.streaming)
     print(f"\n({time.monotonic() - started_at:.0f} s)")
 
 

@@ -108,6 +108,29 @@ def test_stream_many_in_flight_with_errors_in_the_middle(
         np.testing.assert_allclose(seen[request_id], plus, rtol=1e-6)
 
 
+def test_stream_more_requests_than_its_window_all_answered(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """600 requests sent before any answer is read: more than the server keeps in flight for
+    one stream (STREAM_WINDOW, 256). The rest wait for the window, none is lost."""
+    outcomes: queue.Queue[Outcome] = queue.Queue()
+    client.start_stream(callback=lambda result, error: outcomes.put((result, error)))
+    try:
+        inputs, plus = add_sub_inputs(2, seed=3)
+        for i in range(600):
+            client.async_stream_infer("add_sub", inputs, request_id=f"w{i}")
+        answers = collect(outcomes, 600)
+    finally:
+        client.stop_stream()
+    assert [error for _, error in answers if error is not None] == []
+    ids = set()
+    for result, _ in answers:
+        assert result is not None
+        ids.add(result.get_response().id)
+        np.testing.assert_allclose(result.as_numpy("OUTPUT0"), plus, rtol=1e-6)
+    assert ids == {f"w{i}" for i in range(600)}
+
+
 def test_stream_to_several_models(client: grpcclient.InferenceServerClient) -> None:
     outcomes: queue.Queue[Outcome] = queue.Queue()
     client.start_stream(callback=lambda result, error: outcomes.put((result, error)))

@@ -165,42 +165,61 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests of a stream run concurrently (so they batch like unary ones); each response
-        is written as soon as it is ready. An error answers that request only."""
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_WINDOW)
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        """Requests of a stream run concurrently (so they batch like unary ones): each is
+        looked up, validated and queued as it arrives, with no task of its own, and its
+        response is written as soon as it is ready. An error answers that request only. At
+        most STREAM_WINDOW requests are in flight or answered and not yet written: the reader
+        waits beyond that."""
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)  # released as each answer is written
+        running: set[asyncio.Future[dict[str, np.ndarray]]] = set()
+        reading = True
 
-        async def one(msg: pb.ModelInferRequest) -> None:
-            try:
-                item = pb.ModelStreamInferResponse(infer_response=await self._infer(msg))
-            except PipeserveError as exc:
-                item = _stream_error(msg, exc.message)
-            except Exception as exc:
-                log.exception("unexpected error in a stream request")
-                item = _stream_error(msg, f"internal error: {exc}")
-            await results.put(item)
+        def settle(
+            msg: pb.ModelInferRequest,
+            served: ServedVersion,
+            request: InferRequest,
+            outputs: asyncio.Future[dict[str, np.ndarray]],
+        ) -> None:
+            running.discard(outputs)
+            if outputs.cancelled():  # the stream is ending: nobody reads an answer
+                window.release()
+            else:
+                try:
+                    answer = self._finish_infer(served, request, outputs.result())
+                    results.put_nowait(pb.ModelStreamInferResponse(infer_response=answer))
+                except Exception as exc:
+                    results.put_nowait(_stream_failure(msg, exc))
+            if not reading and not running:
+                results.put_nowait(None)
 
         async def read() -> None:
-            tasks: set[asyncio.Task[None]] = set()
+            nonlocal reading
             try:
                 async for msg in request_iterator:
                     await window.acquire()
-                    task = asyncio.create_task(one(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    task.add_done_callback(lambda _: window.release())
-                if tasks:
-                    await asyncio.gather(*tasks)
+                    try:
+                        served, request, outputs = self._start_infer(msg)
+                    except Exception as exc:
+                        results.put_nowait(_stream_failure(msg, exc))
+                        continue
+                    running.add(outputs)
+                    outputs.add_done_callback(functools.partial(settle, msg, served, request))
             finally:
-                await results.put(None)
+                reading = False
+                if not running:
+                    results.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (item := await results.get()) is not None:
                 yield item
+                window.release()
             await reader  # re-raises a reader failure
         finally:
             reader.cancel()
+            for outputs in list(running):
+                outputs.cancel()  # drops the stream's work not yet run
 
     # ---- repository -------------------------------------------------------------------------
 
@@ -243,6 +262,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
 async def _unimplemented(what: str) -> None:
     DataPlane.unsupported(what)
+
+
+def _stream_failure(msg: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
+    """The answer to one stream request that failed (call it inside the `except`)."""
+    if isinstance(exc, PipeserveError):
+        return _stream_error(msg, exc.message)
+    log.exception("unexpected error in a stream request")
+    return _stream_error(msg, f"internal error: {exc}")
 
 
 def _stream_error(msg: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
