@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeserve.api.generated import grpc_service_pb2 as pb
+from pipeserve.api.kept_heads import RequestForm
 from pipeserve.classification import PARAMETER as CLASSIFICATION
 from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
@@ -52,59 +53,19 @@ def parameter_value(param: pb.InferParameter) -> Any:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RequestHead:
-    """All a ModelInferRequest with raw_input_contents says besides those bytes, checked: each
-    input's name, datatype and shape, the outputs asked for and the parameters. The same for
-    every request a client sends with the same header, so api/request_wire.py keeps it.
-    Compared and hashed by identity (a key of ServedVersion.submit)."""
+    """All a ModelInferRequest with raw_input_contents says besides those bytes and its id:
+    the model and the checked form (api/kept_heads.py). The same for every request a client
+    sends with the same header, so api/request_wire.py keeps it. Compared and hashed by
+    identity (a key of ServedVersion.submit)."""
 
     model_name: str
     model_version: str
-    request_id: str
-    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape), in order
-    requested_outputs: tuple[str, ...]
-    parameters: Mapping[str, Any]
-    datatypes: Mapping[str, str]
-    priority: int
-    timeout_us: int
-    classification: Mapping[str, int]
-    # Per tensor: name, datatype, shape, numpy dtype and byte count (None, 0 for BYTES), in
-    # one tuple worked out once (request() unpacks one per input).
-    _plan: tuple[tuple[str, str, tuple[int, ...], np.dtype | None, int], ...] = field(
-        init=False, repr=False
-    )
+    form: RequestForm
 
-    def __post_init__(self) -> None:
-        plan: list[tuple[str, str, tuple[int, ...], np.dtype | None, int]] = []
-        for name, datatype, shape in self.tensors:
-            if datatype == "BYTES":
-                plan.append((name, datatype, shape, None, 0))
-            else:
-                dtype = numpy_dtype(datatype)
-                plan.append((name, datatype, shape, dtype, math.prod(shape) * dtype.itemsize))
-        object.__setattr__(self, "_plan", tuple(plan))
-
-    def request(self, raw: Sequence[bytes], request_id: str | None = None) -> InferRequest:
+    def request(self, raw: Sequence[bytes], request_id: str) -> InferRequest:
         """The request of this head with `raw` (one entry per input, in order: the caller has
-        counted them) as its tensors; `request_id` replaces the head's own."""
-        inputs: dict[str, np.ndarray] = {}
-        for (name, datatype, shape, dtype, size), data in zip(self._plan, raw, strict=True):
-            if dtype is not None and len(data) == size:
-                # A read-only view on the request's buffer: no copy.
-                inputs[name] = np.ndarray(shape, dtype, data)
-            else:  # BYTES elements to parse, or the byte count's error to raise
-                inputs[name] = array_from_raw(name, datatype, shape, data)
-        return InferRequest(
-            self.model_name,
-            self.model_version,
-            self.request_id if request_id is None else request_id,
-            inputs,
-            self.requested_outputs,
-            self.parameters,
-            self.datatypes,
-            self.priority,
-            self.timeout_us,
-            self.classification,
-        )
+        counted them) as its tensors."""
+        return self.form.request(self.model_name, self.model_version, request_id, raw)
 
 
 def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
@@ -114,8 +75,8 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     raw = msg.raw_input_contents
     inputs: dict[str, np.ndarray] = {}
     if raw:
-        # The head's checks and the tensors in one walk (a RequestHead is worth building only
-        # to be kept).
+        # The head's checks and the tensors in one walk (a head is worth building only to be
+        # kept).
         _, datatypes = _raw_tensors(msg, len(raw), raw, inputs)
     else:
         datatypes = {}
@@ -125,8 +86,7 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
             datatype = tensor.datatype
             datatypes[name] = datatype
             inputs[name] = _decode_contents(tensor, name, datatype)
-    params = _parameters(msg)
-    requested, classification = _outputs(msg)
+    params, requested, classification, priority, timeout_us = _rest_of(msg)
     return InferRequest(
         msg.model_name,
         msg.model_version,
@@ -135,30 +95,31 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         requested,
         params,
         datatypes,
-        _int_param(params, "priority") if params else 0,
-        _int_param(params, "timeout") if params else 0,
+        priority,
+        timeout_us,
         classification,
     )
 
 
 def decode_head(msg: pb.ModelInferRequest, raw_count: int) -> RequestHead:
     """The head of a request that carries `raw_count` (> 0) raw_input_contents entries; `msg`'s
-    own raw_input_contents are not read. Raises for every fault but a tensor's byte count."""
+    own raw_input_contents and id are not read. Raises for every fault but a tensor's byte
+    count."""
     tensors, datatypes = _raw_tensors(msg, raw_count)
+    params, requested, classification, priority, timeout_us = _rest_of(msg)
+    form = RequestForm(tensors, requested, params, datatypes, priority, timeout_us, classification)
+    return RequestHead(msg.model_name, msg.model_version, form)
+
+
+def _rest_of(
+    msg: pb.ModelInferRequest,
+) -> tuple[dict[str, Any], tuple[str, ...], dict[str, int], int, int]:
+    """A request's parameters, outputs asked for, classification counts, priority, timeout."""
     params = _parameters(msg)
     requested, classification = _outputs(msg)
-    return RequestHead(
-        msg.model_name,
-        msg.model_version,
-        msg.id,
-        tensors,
-        requested,
-        params,
-        datatypes,
-        _int_param(params, "priority") if params else 0,
-        _int_param(params, "timeout") if params else 0,
-        classification,
-    )
+    priority = _int_param(params, "priority") if params else 0
+    timeout_us = _int_param(params, "timeout") if params else 0
+    return params, requested, classification, priority, timeout_us
 
 
 def _raw_tensors(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pipeserve.api.codec import RequestHead, decode_head
 from pipeserve.api.generated import grpc_service_pb2 as pb
-from pipeserve.api.head_table import HeadTable
+from pipeserve.api.kept_heads import HeadTable
 
 # One-byte keys (field number << 3 | 2, length-delimited) of ModelInferRequest's fields 1-6
 # (model_name, model_version, id, parameters, inputs, outputs) ...
@@ -87,7 +87,7 @@ class RequestReader:
             except Exception:  # a parse error or a refusal: the full parse answers it
                 return None
             self._heads.keep(header, head)
-        elif len(head.tensors) != len(raw):
+        elif len(head.form.tensors) != len(raw):
             return None  # the parser's decode names the count
         return head, raw, request_id
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeserve.api.codec import decode_request
 from pipeserve.api.generated import grpc_service_pb2 as pb
-from pipeserve.api.head_table import HeadTable
+from pipeserve.api.kept_heads import HeadTable
 from pipeserve.api.request_wire import RequestReader
 from pipeserve.errors import InvalidInputError
 from tests.unit.api.same_request import assert_same_request

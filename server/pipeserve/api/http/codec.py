@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from pipeserve.api.http.binary_heads import BinaryHead, BinaryHeads
+from pipeserve.api.kept_heads import RequestForm
 from pipeserve.classification import PARAMETER as CLASSIFICATION
 from pipeserve.classification import class_count
 from pipeserve.errors import InvalidInputError, UnsupportedError
@@ -221,17 +222,11 @@ def decode_infer(
     # A header with an id is not kept: clients that send one change it with every request, so
     # each would only push out a kept head.
     if heads is not None and header_size is not None and sections and not request_id:
-        kept = BinaryHead(
-            request_id,
-            tuple(sections),
-            params,
-            datatypes,
-            requested,
-            classification,
-            priority,
-            timeout_us,
-            choice,
+        tensors = tuple((name, datatype, shape) for name, datatype, shape, _ in sections)
+        form = RequestForm(
+            tensors, requested, params, datatypes, priority, timeout_us, classification
         )
+        kept = BinaryHead(form, tuple(size for *_, size in sections), choice)
         heads.keep(header, kept)
     request = InferRequest(
         model_name,
