@@ -156,10 +156,12 @@ def _every_rpc(url: str) -> dict[str, object]:
         unknown_output.outputs.add(name="NOPE")
         call("ModelInfer/unknown output", "ModelInfer", unknown_output)
         call("ModelInfer/unknown model", "ModelInfer", spb.ModelInferRequest(model_name="nope"))
-        replies = list(stub.ModelStreamInfer(iter([request, bad]), timeout=30))
+        unknown_model = spb.ModelInferRequest(model_name="nope", model_version="3", id="u")
+        stream = [request, bad, unknown_model, unknown_output, request]
+        replies = stub.ModelStreamInfer(iter(stream), timeout=30)
+        # Whole answers, compared field by field (the own transport writes their bytes itself).
         out["ModelStreamInfer"] = sorted(
-            (r.error_message, r.infer_response.id, len(r.infer_response.raw_output_contents))
-            for r in replies
+            text_format.MessageToString(r, as_one_line=True) for r in replies
         )
         call("ModelConfig", "ModelConfig", spb.ModelConfigRequest(name="add_sub"))
         call("ModelStatistics", "ModelStatistics", spb.ModelStatisticsRequest(name="add_sub"))

@@ -213,6 +213,30 @@ def test_stream_error_response_names_the_failed_request(server: ServerProcess) -
     assert by_id["unknown"].error_message == "Request for unknown model: 'nope' is not found"
 
 
+def test_a_message_that_does_not_parse_ends_the_stream_as_unary_calls_end(
+    server: ServerProcess,
+) -> None:
+    """The answers before it arrive; the call then ends INTERNAL, as a unary ModelInfer whose
+    message does not parse does (grpc.aio's front end says UNKNOWN there)."""
+    good = service_pb2.ModelInferRequest(model_name="strings", id="before")
+    good.inputs.add(name="INPUT0", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(
+        [b"x", b"y", b"z"]
+    )
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        replies = call(iter([good, b"\xff\xff\xff"]), timeout=30)
+        first = next(replies)
+        with pytest.raises(grpc.RpcError) as err:
+            next(replies)
+    assert first.infer_response.id == "before" and first.error_message == ""
+    assert err.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    assert err.value.details().startswith("could not parse the request message: ")  # type: ignore[attr-defined]
+
+
 def test_empty_stream_closes_cleanly(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import hpack
 
-from pipeserve.api.context import DirectResult, DirectUnary, Refused
+from pipeserve.api.context import DirectResult, DirectStream, DirectUnary, Refused
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.server import H2Server
 
@@ -87,6 +87,7 @@ class DirectService:
 
     def __init__(self) -> None:
         self.waiting: list[asyncio.Future[bytes]] = []
+        self.streamed = 0  # messages DirectStream's handler was given
 
     def echo(self, request: bytes | memoryview) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -123,6 +124,30 @@ class DirectService:
             "DirectBoom": self.boom,
         }
 
+    def stream(self, request: bytes | memoryview) -> bytes | DirectResult:
+        """DirectStream (api.context.DirectStream), by what each message says: `hold` is never
+        answered (its future is kept in `waiting`), `now:<text>` is answered `<text>` at once,
+        `big:<n>` is answered with n bytes at once, `refuse` ends the call INVALID_ARGUMENT,
+        `boom` raises an unexpected error; any other message is echoed once the loop turns."""
+        self.streamed += 1
+        text = bytes(request)
+        if text == b"hold":
+            return self.wait(request)
+        if text.startswith(b"now:"):
+            return text[4:]
+        if text.startswith(b"big:"):
+            return bytes(int(text[4:]))
+        if text == b"refuse":
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "refused mid-stream")
+        if text == b"boom":
+            raise RuntimeError("a stream bug")
+        return self.echo(request)
+
+    def stream_methods(self) -> dict[str, DirectStream]:
+        """Bidirectional methods with a direct handler (their registered handler, which runs a
+        call with compressed messages, is EchoService.stream)."""
+        return {"DirectStream": self.stream}
+
 
 def _result(future: asyncio.Future[bytes]) -> bytes:
     return future.result()
@@ -147,8 +172,15 @@ async def start(
         SERVICE,
         {name: grpc.unary_unary_rpc_method_handler(_never, **kw) for name in direct.methods()},
     )
-    for name, handler in direct.methods().items():
-        server.add_direct_unary(SERVICE, name, handler)
+    server.add_registered_method_handlers(
+        SERVICE,
+        {
+            name: grpc.stream_stream_rpc_method_handler(service.stream, **kw)
+            for name in direct.stream_methods()
+        },
+    )
+    for name, handler in {**direct.methods(), **direct.stream_methods()}.items():
+        server.add_direct(SERVICE, name, handler)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, service, port

@@ -57,3 +57,13 @@ def unparsable(exc: Exception) -> Refused:
 # grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
 DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], bytes]]
 DirectUnary = Callable[[bytes | memoryview], DirectResult]
+
+# A bidirectional streaming RPC whose every request gets one response message, run by the own
+# transport without a task or a coroutine per message: called with each request message's bytes
+# as it arrives (valid only during the call), it queues that request's work at once and returns
+# a DirectResult, or, when the answer is known at once (an error the RPC answers in a message),
+# that response message's bytes. Its finisher answers a failed request in a message too. It
+# raises Refused (`unparsable(...)` included) only to end the whole call with a status. The
+# transport writes each response as its future is done, holds a bounded number in flight, and
+# ends the call once the client has ended its side and every response is written.
+DirectStream = Callable[[bytes | memoryview], bytes | DirectResult]

@@ -17,12 +17,18 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
-from pipeserve.api.codec import decode_request, encode_response
-from pipeserve.api.context import DirectResult, DirectUnary, ServicerContext, unparsable
+from pipeserve.api.codec import RequestHead, decode_request, encode_response
+from pipeserve.api.context import (
+    DirectResult,
+    DirectStream,
+    DirectUnary,
+    ServicerContext,
+    unparsable,
+)
 from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.api.generated import grpc_service_pb2_grpc as pb_grpc
 from pipeserve.api.request_wire import RequestReader
-from pipeserve.api.response_wire import encode_response_bytes
+from pipeserve.api.response_wire import encode_response_bytes, stream_response_bytes
 from pipeserve.api.status import guarded, refusal
 from pipeserve.errors import PipeserveError
 from pipeserve.inference import InferRequest
@@ -34,6 +40,12 @@ log = logging.getLogger(__name__)
 
 # Responses of one stream that may be in flight at once; the reader waits beyond that.
 STREAM_WINDOW = 256
+
+# What the kept-header reader gives (api/request_wire.py): head, raw contents, request id.
+Read = tuple[RequestHead, list[bytes], str]
+# A request's model name, model version and id as sent: what a stream's error answer repeats.
+Named = tuple[str, str, str]
+Started = tuple[ServedVersion, InferRequest, "asyncio.Future[dict[str, np.ndarray]]"]
 
 if TYPE_CHECKING:
     from pipeserve.api.h2.server import H2Server
@@ -95,38 +107,56 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         served, request, outputs = self._start_infer(msg)
         return self._finish_infer(served, request, await outputs)
 
-    def direct_methods(self) -> dict[str, DirectUnary]:
-        """RPCs the own transport may run through a direct handler (api.context.DirectUnary)
-        instead of the async one. A restricted servicer (api/restricted.py) leaves out those it
-        must check first."""
-        return {"ModelInfer": self.infer_direct}
+    def direct_methods(self) -> dict[str, DirectUnary | DirectStream]:
+        """RPCs the own transport may run through a direct handler (api.context.DirectUnary,
+        DirectStream) instead of the async one. A restricted servicer (api/restricted.py)
+        leaves out those it must check first."""
+        return {"ModelInfer": self.infer_direct, "ModelStreamInfer": self.stream_direct}
 
     def infer_direct(self, body: bytes | memoryview) -> DirectResult:
         """ModelInfer for the own transport, with no task and no coroutine per call (the
         event loop's largest per-request cost after the protocol itself): the same two halves
-        as `_infer`, the same answers as `guarded` gives. A request in the usual form is read
-        by the kept-header reader (api/request_wire.py), any other parsed in full."""
-        read = self._reader.read(body)
-        if read is None:
-            try:
-                msg = pb.ModelInferRequest.FromString(body)
-            except Exception as exc:
-                raise unparsable(exc) from None
+        as `_infer`, the same answers as `guarded` gives."""
+        got = self._read(body)
         try:
-            if read is None:
-                served, request, outputs = self._start_infer(msg)
-            else:
-                head, raw, request_id = read
-                # The same order as _start_infer: the model is looked up before the tensors
-                # are checked.
-                served = self._dp.lookup(head.model_name, head.model_version)
-                request = head.request(raw, request_id)
-                # Every request of one head has the same tensor names, datatypes, shapes
-                # and outputs asked for: the served version validates that form once.
-                outputs = self._dp.submit(served, request, checked_as=head)
+            served, request, outputs = self._start_wire(got)
         except Exception as exc:
             raise refusal(exc, "ModelInfer") from None
         return outputs, functools.partial(self._finish_direct, served, request)
+
+    def stream_direct(self, body: bytes | memoryview) -> bytes | DirectResult:
+        """One ModelStreamInfer request for the own transport (api.context.DirectStream): the
+        same steps and answers as ModelStreamInfer's, with no task, queue entry or message
+        object per request."""
+        got = self._read(body)
+        try:
+            served, request, outputs = self._start_wire(got)
+        except Exception as exc:
+            return _stream_failure(_named(got), exc).SerializeToString()
+        return outputs, functools.partial(self._finish_streamed, got, served, request)
+
+    def _read(self, body: bytes | memoryview) -> Read | pb.ModelInferRequest:
+        """A request in the usual form read by the kept-header reader (api/request_wire.py),
+        any other parsed in full (raising `unparsable(...)` when it does not parse)."""
+        read = self._reader.read(body)
+        if read is not None:
+            return read
+        try:
+            return pb.ModelInferRequest.FromString(body)
+        except Exception as exc:
+            raise unparsable(exc) from None
+
+    def _start_wire(self, got: Read | pb.ModelInferRequest) -> Started:
+        """_start_infer for what `_read` gave: a kept head's request takes the same steps in
+        the same order (the model is looked up before the tensors are checked)."""
+        if not isinstance(got, tuple):  # (tuple: a cheaper check than the message class)
+            return self._start_infer(got)
+        head, raw, request_id = got
+        served = self._dp.lookup(head.model_name, head.model_version)
+        request = head.request(raw, request_id)
+        # Every request of one head has the same tensor names, datatypes, shapes and outputs
+        # asked for: the served version validates that form once.
+        return served, request, self._dp.submit(served, request, checked_as=head)
 
     def _finish_direct(
         self,
@@ -134,19 +164,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         request: InferRequest,
         outputs: asyncio.Future[dict[str, np.ndarray]],
     ) -> bytes:
-        """The answer's wire bytes, written without building the message (the same bytes as
-        `_finish_infer`'s message serialized: api/response_wire.py)."""
         try:
-            response = self._dp.respond(served, request, outputs.result())
-            encoded = encode_response_bytes(response, served.spec)
-            self._dp.check_response_size(served, len(encoded))
-            return encoded
+            return self._answer_bytes(served, request, outputs.result())
         except Exception as exc:
             raise refusal(exc, "ModelInfer") from None
 
-    def _start_infer(
-        self, msg: pb.ModelInferRequest
-    ) -> tuple[ServedVersion, InferRequest, asyncio.Future[dict[str, np.ndarray]]]:
+    def _finish_streamed(
+        self,
+        got: Read | pb.ModelInferRequest,
+        served: ServedVersion,
+        request: InferRequest,
+        outputs: asyncio.Future[dict[str, np.ndarray]],
+    ) -> bytes:
+        try:
+            return stream_response_bytes(self._answer_bytes(served, request, outputs.result()))
+        except Exception as exc:
+            return _stream_failure(_named(got), exc).SerializeToString()
+
+    def _answer_bytes(
+        self, served: ServedVersion, request: InferRequest, outputs: dict[str, np.ndarray]
+    ) -> bytes:
+        """The answer's wire bytes, written without building the message (the same bytes as
+        `_finish_infer`'s message serialized: api/response_wire.py)."""
+        response = self._dp.respond(served, request, outputs)
+        encoded = encode_response_bytes(response, served.spec)
+        self._dp.check_response_size(served, len(encoded))
+        return encoded
+
+    def _start_infer(self, msg: pb.ModelInferRequest) -> Started:
         """Look up, decode, validate and queue, in one synchronous step (DataPlane.submit)."""
         served = self._dp.lookup(msg.model_name, msg.model_version)
         request = decode_request(msg)
@@ -169,7 +214,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         looked up, validated and queued as it arrives, with no task of its own, and its
         response is written as soon as it is ready. An error answers that request only. At
         most STREAM_WINDOW requests are in flight or answered and not yet written: the reader
-        waits beyond that."""
+        waits beyond that. (grpc.aio runs this; the own transport runs `stream_direct`, but for
+        a call with compressed messages.)"""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)  # released as each answer is written
         running: set[asyncio.Future[dict[str, np.ndarray]]] = set()
@@ -189,7 +235,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     answer = self._finish_infer(served, request, outputs.result())
                     results.put_nowait(pb.ModelStreamInferResponse(infer_response=answer))
                 except Exception as exc:
-                    results.put_nowait(_stream_failure(msg, exc))
+                    results.put_nowait(_stream_failure(_named(msg), exc))
             if not reading and not running:
                 results.put_nowait(None)
 
@@ -201,7 +247,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     try:
                         served, request, outputs = self._start_infer(msg)
                     except Exception as exc:
-                        results.put_nowait(_stream_failure(msg, exc))
+                        results.put_nowait(_stream_failure(_named(msg), exc))
                         continue
                     running.add(outputs)
                     outputs.add_done_callback(functools.partial(settle, msg, served, request))
@@ -264,19 +310,27 @@ async def _unimplemented(what: str) -> None:
     DataPlane.unsupported(what)
 
 
-def _stream_failure(msg: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
+def _named(got: Read | pb.ModelInferRequest) -> Named:
+    if not isinstance(got, tuple):
+        return got.model_name, got.model_version, got.id
+    head, _, request_id = got
+    return head.model_name, head.model_version, request_id
+
+
+def _stream_failure(named: Named, exc: Exception) -> pb.ModelStreamInferResponse:
     """The answer to one stream request that failed (call it inside the `except`)."""
     if isinstance(exc, PipeserveError):
-        return _stream_error(msg, exc.message)
+        return _stream_error(named, exc.message)
     log.exception("unexpected error in a stream request")
-    return _stream_error(msg, f"internal error: {exc}")
+    return _stream_error(named, f"internal error: {exc}")
 
 
-def _stream_error(msg: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+def _stream_error(named: Named, message: str) -> pb.ModelStreamInferResponse:
+    model_name, model_version, request_id = named
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
-            model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+            model_name=model_name, model_version=model_version, id=request_id
         ),
     )
 
@@ -314,7 +368,7 @@ def _statistics(version: VersionStatistics) -> pb.ModelStatistics:
 
 def add_to_server(service: InferenceService, server: grpc.aio.Server | H2Server) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    add_direct = getattr(server, "add_direct_unary", None)
+    add_direct = getattr(server, "add_direct", None)
     if add_direct is not None:  # the own transport: these run without a task
         for name, handler in service.direct_methods().items():
             add_direct("inference.GRPCInferenceService", name, handler)

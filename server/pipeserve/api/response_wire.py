@@ -8,7 +8,8 @@ datatype, shape) is the same for every answer of a given shape, so its encoding 
 reused, as are the model's name and version fields; the message is one join of parts, with no
 message objects, ByteSize or serializer pass.
 
-ModelStreamInfer and the grpc.aio front end still answer with the message (codec.py).
+`stream_response_bytes` wraps such an answer as a ModelStreamInferResponse, for the own
+transport's ModelStreamInfer. The grpc.aio front end answers with the message (codec.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pipeserve.inference import InferResponse, ModelSpec
 # Field keys (field number << 3 | wire type 2, length-delimited) of ModelInferResponse ...
 _MODEL_NAME, _MODEL_VERSION, _ID = b"\x0a", b"\x12", b"\x1a"
 _OUTPUTS, _RAW_OUTPUT = b"\x2a", b"\x32"
+# ... of ModelStreamInferResponse's infer_response ...
+_INFER_RESPONSE = b"\x12"
 # ... and of its InferOutputTensor.
 _TENSOR_NAME, _TENSOR_DATATYPE, _TENSOR_SHAPE = b"\x0a", b"\x12", b"\x1a"
 
@@ -86,3 +89,9 @@ def encode_response_bytes(response: InferResponse, spec: ModelSpec) -> bytes:
         contents.append(raw)
     parts += contents
     return b"".join(parts)
+
+
+def stream_response_bytes(infer_response: bytes) -> bytes:
+    """The ModelStreamInferResponse holding `infer_response` (a ModelInferResponse's bytes) and
+    no error message: the same bytes as that message serialized."""
+    return _INFER_RESPONSE + varint(len(infer_response)) + infer_response

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from pipeserve.api.context import DirectUnary, Refused, unparsable
+from pipeserve.api.context import DirectResult, DirectStream, DirectUnary, Refused, unparsable
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import Stream
 
@@ -36,6 +37,11 @@ _QUEUED_LIMIT = 4 << 20
 
 # Queued response bytes above which a streaming handler waits for the client to read.
 _STREAM_BACKLOG = 1 << 20
+
+# Requests of one direct stream (api.context.DirectStream) in flight at once, as the servicer's
+# STREAM_WINDOW bounds its task-run streams: beyond it, and while the client reads too slowly,
+# the call runs no further messages (and, past _QUEUED_LIMIT, stops crediting the client).
+_STREAM_WINDOW = 256
 
 # A compressed message inflates on the event loop up to this many bytes; the rest of it inflates
 # on a worker thread (zlib lets go of the GIL), so a big inflation never stalls other calls.
@@ -118,8 +124,8 @@ class Limits:
 
 
 class Call:
-    """One RPC. Receives the stream's bytes, runs the handler in a task (or, for a unary
-    method with a direct handler, waits on its future with a callback), answers."""
+    """One RPC. Receives the stream's bytes, runs the handler in a task (or, for a method with
+    a direct handler, waits on its futures with callbacks), answers."""
 
     __slots__ = (
         "stream",
@@ -140,6 +146,10 @@ class Call:
         "direct",
         "future",
         "finisher",
+        "flights",
+        "ended",
+        "stall",
+        "closing",
     )
 
     def __init__(
@@ -149,7 +159,7 @@ class Call:
         headers: dict[bytes, bytes],
         limits: Limits,
         on_done: Callable[[Call], None],
-        direct: DirectUnary | None = None,
+        direct: DirectUnary | DirectStream | None = None,
     ) -> None:
         self.stream = stream
         self.method = method
@@ -167,9 +177,16 @@ class Call:
         self.wbits: int | None = None  # zlib window bits of the request's grpc-encoding
         self.charged = 0  # this call's share of limits.inflight
         self.direct = direct
-        # A direct handler's work in progress, and what makes the response of it.
+        # A direct unary handler's work in progress, and what makes the response of it.
         self.future: asyncio.Future[Any] | None = None
         self.finisher: Callable[[asyncio.Future[Any]], bytes] | None = None
+        # A direct stream's: its requests' work in flight (None: not a direct stream), whether
+        # no more messages will run (the client ended its side, or `closing`), the task that
+        # waits while the client lags, and the status a refused message ends the call with.
+        self.flights: set[asyncio.Future[Any]] | None = None
+        self.ended = False
+        self.stall: asyncio.Task[None] | None = None
+        self.closing: tuple[grpc.StatusCode, str] | None = None
 
     # ---- set-up (the endpoint calls this right after opening the stream) -------------------
 
@@ -193,6 +210,10 @@ class Call:
                 return
             self.timer = asyncio.get_running_loop().call_later(seconds, self._expire)
         if self.method.request_streaming:
+            if self.direct is not None and self.wbits is None:
+                self.flights = set()  # a direct stream: no task (api.context.DirectStream)
+                return
+            self.direct = None
             self.messages = asyncio.Queue()
             self.task = asyncio.get_running_loop().create_task(self._run(self._requests()))
 
@@ -209,10 +230,12 @@ class Call:
                 return
             limits.inflight += n  # _charge, inlined: this runs for every DATA frame
             self.charged += n
-        if self.messages is None:
-            self._unary_data(payload, end)
-        else:
+        if self.messages is not None:
             self._stream_data(payload, end)
+        elif self.flights is not None:
+            self._direct_stream_data(payload, end)
+        else:
+            self._unary_data(payload, end)
 
     def _charge(self, n: int) -> bool:
         """Counts `n` received bytes against the server-wide in-flight limit; past it the call
@@ -309,9 +332,9 @@ class Call:
     # ---- direct handlers (no task) ----------------------------------------------------------
 
     def _start_direct(self, body: bytes | memoryview) -> None:
-        assert self.direct is not None
+        direct: DirectUnary = self.direct  # type: ignore[assignment]
         try:
-            future, self.finisher = self.direct(body)
+            future, self.finisher = direct(body)
         except Refused as exc:
             self.finish(exc.code, exc.details)
             return
@@ -486,6 +509,152 @@ class Call:
                 self.withheld = 0
             yield deserialize(body)
 
+    # ---- direct streams (no task) ----------------------------------------------------------
+
+    def _direct_stream_data(self, payload: memoryview, end: bool) -> None:
+        # Credit comes back at once (a message being received may exceed the window) unless
+        # whole messages pile up undispatched: then it comes back as they are dispatched.
+        buffer = self.buffer
+        if self.closing is not None:  # the call is ending: what still comes is dropped
+            self.stream.credit(len(payload))
+            return
+        if self._lagging():
+            self.withheld += len(payload)
+        else:
+            self.stream.credit(len(payload))
+        if buffer:
+            buffer += payload
+            self._next_messages()
+        else:
+            # The common case: whole messages in the frame, run without a copy.
+            taken = self._run_messages(payload, copy=False)
+            if taken < len(payload) and not self.stream.done and self.closing is None:
+                buffer += payload[taken:]
+        if end and not self.stream.done and self.closing is None:
+            self.ended = True
+            if _partial(buffer):
+                self._fail(grpc.StatusCode.INTERNAL, "stream ended inside a message")
+            else:
+                self._end_if_answered()
+
+    def _next_messages(self) -> None:
+        """Runs the buffered messages the window has room for."""
+        buffer = self.buffer
+        with memoryview(buffer) as data:
+            taken = self._run_messages(data, copy=True)
+        del buffer[:taken]
+        if self.withheld and not self._lagging():
+            self.stream.credit(self.withheld)
+            self.withheld = 0
+
+    def _lagging(self) -> bool:
+        """Whether messages wait undispatched (the window is full or the client reads too
+        slowly) past _QUEUED_LIMIT bytes."""
+        assert self.flights is not None
+        blocked = len(self.flights) >= _STREAM_WINDOW or self.stall is not None
+        return blocked and len(self.buffer) >= _QUEUED_LIMIT
+
+    def _run_messages(self, data: memoryview, copy: bool) -> int:
+        """Runs the whole messages at the start of `data` while the window has room and the
+        client keeps up; returns the bytes taken. `copy`: give the handler copies (`data` is
+        the call's buffer, which is cut afterwards)."""
+        flights = self.flights
+        assert flights is not None
+        at, n = 0, len(data)
+        while n - at >= _PREFIX and len(flights) < _STREAM_WINDOW and self.stall is None:
+            if self.closing is not None:
+                break
+            if data[at]:  # compressed: this call has no grpc-encoding (start), so it fails
+                self._inflation(data[at], data[at:at])
+                return at
+            if not self._size_ok(data[at : at + _PREFIX]):
+                return at
+            end = at + _PREFIX + int.from_bytes(data[at + 1 : at + _PREFIX], "big")
+            if end > n:
+                break
+            body = bytes(data[at + _PREFIX : end]) if copy else data[at + _PREFIX : end]
+            self._uncharge(end - at)
+            at = end
+            self._run_message(body)
+            if self.stream.done:
+                break
+        return at
+
+    def _run_message(self, body: bytes | memoryview) -> None:
+        assert self.direct is not None and self.flights is not None
+        try:
+            result: bytes | DirectResult = self.direct(body)  # type: ignore[assignment]
+        except Refused as exc:
+            self._close_with(exc.code, exc.details)
+            return
+        except Exception as exc:
+            self._close_with(grpc.StatusCode.UNKNOWN, self._unexpected_details(exc))
+            return
+        if isinstance(result, bytes):  # answered at once
+            self._write_answer(result)
+            return
+        future, finisher = result
+        self.flights.add(future)
+        future.add_done_callback(functools.partial(self._stream_answered, finisher))
+
+    def _stream_answered(
+        self, finisher: Callable[[asyncio.Future[Any]], bytes], future: asyncio.Future[Any]
+    ) -> None:
+        assert self.flights is not None
+        self.flights.discard(future)
+        if self.on_done is _ignore or future.cancelled():  # the call has ended
+            return
+        try:
+            answer = finisher(future)
+        except Exception as exc:
+            self._unexpected(exc)
+            return
+        self._write_answer(answer)
+        if self.stream.done:
+            return
+        if self.buffer and self.closing is None:
+            self._next_messages()
+        if self.ended and not self.stream.done:
+            self._end_if_answered()
+
+    def _write_answer(self, answer: bytes) -> None:
+        try:
+            framed = self._framed(answer)
+        except _TooLarge as exc:
+            self.finish(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            return
+        stream = self.stream
+        stream.send(framed)
+        if stream.backlog() > _STREAM_BACKLOG and self.stall is None:
+            self.stall = asyncio.get_running_loop().create_task(self._wait_for_client())
+
+    async def _wait_for_client(self) -> None:
+        try:
+            await self.stream.wait_drained()
+        finally:
+            self.stall = None
+        if not self.stream.done:
+            if self.closing is None:
+                self._next_messages()
+            if self.ended:
+                self._end_if_answered()
+
+    def _close_with(self, code: grpc.StatusCode, details: str) -> None:
+        """A message was refused: no further message runs, and once the answers of those in
+        flight are written the call ends with this status (as a task-run stream's would)."""
+        self.closing = (code, details)
+        self.ended = True
+        self._end_if_answered()
+
+    def _end_if_answered(self) -> None:
+        """No more messages will run: the call ends once every answer is written."""
+        if self.flights or self.stall is not None:
+            return
+        if self.closing is not None:
+            self.finish(*self.closing)
+        elif not self.buffer:
+            self.finish(grpc.StatusCode.OK)
+
     # ---- ending -----------------------------------------------------------------------------
 
     def _fail(self, code: grpc.StatusCode, details: str) -> None:
@@ -503,6 +672,9 @@ class Call:
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
             self.cancel_reason = reason
+        if self.flights is not None:
+            self._end_cancelled()  # a direct stream: _done drops its work in flight
+            return
         if self.future is not None:
             # Drops work not yet run; _direct_done answers. Work already done answers as
             # finished (its callback is queued), as a task past its last await would.
@@ -557,8 +729,12 @@ class Call:
 
     def _unexpected(self, exc: Exception) -> None:
         """A handler failed outside its own error mapping: logged (call it in the `except`)."""
+        self.finish(grpc.StatusCode.UNKNOWN, self._unexpected_details(exc))
+
+    def _unexpected_details(self, exc: Exception) -> str:
+        """Logs `exc` (call it in the `except`); the status message that says what it was."""
         log.exception("unexpected error in %s", self.headers.get(b":path", b"?").decode())
-        self.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+        return f"Unexpected {type(exc).__name__}: {exc}"
 
     def _framed(self, payload: bytes) -> bytes:
         """One response message with its gRPC prefix; raises _TooLarge over the send limit."""
@@ -591,12 +767,25 @@ class Call:
         if self.charged:
             self.limits.inflight -= self.charged
             self.charged = 0
+        if self.flights:
+            for future in list(self.flights):
+                future.cancel()  # drops the stream's work not yet run
+        if self.stall is not None:
+            self.stall.cancel()
         on_done, self.on_done = self.on_done, _ignore
         on_done(self)
 
 
 class _TooLarge(Exception):
     pass
+
+
+def _partial(data: bytearray) -> bool:
+    """Whether `data`, a run of gRPC messages, ends inside one."""
+    at = 0
+    while len(data) - at >= _PREFIX:
+        at += _PREFIX + int.from_bytes(data[at + 1 : at + _PREFIX], "big")
+    return at != len(data)
 
 
 def _ignore(call: Call) -> None:

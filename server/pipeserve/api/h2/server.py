@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from pipeserve.api.context import DirectUnary
+from pipeserve.api.context import DirectStream, DirectUnary
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2 import rules
 from pipeserve.api.h2.calls import _SHUTDOWN, Call, Limits
@@ -91,7 +91,7 @@ class H2Server:
             self.limits.max_decompressed_bytes,
         )
         self._methods: dict[bytes, grpc.RpcMethodHandler] = {}
-        self._direct: dict[bytes, DirectUnary] = {}
+        self._direct: dict[bytes, DirectUnary | DirectStream] = {}
         self._sockets: list[tuple[socket.socket, ssl.SSLContext | None]] = []
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
@@ -110,11 +110,16 @@ class H2Server:
         for name, handler in handlers.items():
             self._methods[f"/{service}/{name}".encode()] = handler
 
-    def add_direct_unary(self, service: str, name: str, handler: DirectUnary) -> None:
-        """Runs unary method `name` (registered as above too) through `handler` without a task
-        per call (api.context.DirectUnary): the handler gives the response's serialized bytes;
-        the registered request deserializer still parses the request."""
-        self._direct[f"/{service}/{name}".encode()] = handler
+    def add_direct(self, service: str, name: str, handler: DirectUnary | DirectStream) -> None:
+        """Runs method `name` (registered as above first) through `handler`, with no task per
+        call: a unary method's handler is an api.context.DirectUnary (it parses the request's
+        bytes and gives the response's), a bidirectional streaming method's a DirectStream (the
+        same for each message; a call with compressed messages runs the registered handler)."""
+        path = f"/{service}/{name}".encode()
+        method = self._methods[path]
+        if method.request_streaming != method.response_streaming:
+            raise ValueError(f"{name}: direct handlers serve unary or bidirectional methods")
+        self._direct[path] = handler
 
     def add_insecure_port(self, address: str) -> int:
         """Binds `host:port` (`[v6]:port` too; port 0 picks one) on every address the host
