@@ -1,5 +1,6 @@
-"""ModelInferRequest wire bytes read without building the message, for the unary ModelInfer on
-the own HTTP/2 transport (the hot path: one per request; response_wire.py writes its answer).
+"""ModelInferRequest wire bytes read without building the message, for ModelInfer and each
+ModelStreamInfer message on the own HTTP/2 transport (the hot path: one per request;
+response_wire.py writes its answer).
 
 A client sends the same header with every request (model, inputs' names, datatypes and shapes,
 outputs, parameters); only the tensor bytes and, with some clients, the id change. Every
