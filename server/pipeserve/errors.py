@@ -81,6 +81,11 @@ class ModelLoadError(PipeserveError):
     pass
 
 
+# Triton's words when a load could not even start (no folder, a malformed `config` override,
+# files that could not be laid out).
+NOT_POLLED = "failed to poll from model repository"
+
+
 class ConfigError(ModelLoadError):
     pass
 

@@ -24,8 +24,10 @@ import numpy as np
 from pipeserve.batching.base import Scheduler
 from pipeserve.batching.factory import create_scheduler
 from pipeserve.errors import (
+    NOT_POLLED,
     InvalidInputError,
     LoadFailedError,
+    ModelLoadError,
     ModelNotFoundError,
     ModelNotReadyError,
     PipeserveError,
@@ -406,12 +408,21 @@ def _write_files(name: str, files: Mapping[str, bytes]) -> Path:
     root = Path(tempfile.mkdtemp(prefix="pipeserve-load-"))
     model_dir = root / name
     for relative, content in files.items():
-        target = (model_dir / relative).resolve()
-        if not target.is_relative_to(model_dir.resolve()):
+        try:
+            target = (model_dir / relative).resolve()
+            if not target.is_relative_to(model_dir.resolve()):
+                raise InvalidInputError(f"file path '{relative}' leaves the model folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        except OSError as exc:  # a name too long, a full disk: as Triton, the load never starts
             shutil.rmtree(root, ignore_errors=True)
-            raise InvalidInputError(f"file path '{relative}' leaves the model folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+            shown = relative if len(relative) <= 64 else relative[:64] + "..."
+            reason = f"could not write 'file:{shown}' ({exc.strerror or exc})"
+            log.warning("failed to load model '%s': %s", name, reason)
+            raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {reason}") from None
+        except InvalidInputError:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
     return root
 
 

@@ -416,6 +416,15 @@ def test_explicit_load_with_bad_files(explicit_server: ServerProcess) -> None:
     )
     assert "failed to parse ONNX model" in err.message()
     assert not client.is_model_ready("garbage")
+    # A file name the file system cannot hold (Triton's own model-control example sends one):
+    # the load never starts, with Triton's status and words, and the server goes on.
+    err = rpc_error(client.load_model, "long", config="{}", files={"file:" + "A" * 256: model})
+    assert err.status() == "StatusCode.INTERNAL"
+    assert err.message().startswith(
+        "failed to load 'long', failed to poll from model repository: could not write 'file:AAAA"
+    )
+    assert "File name too long" in err.message()
+    assert client.is_server_live() and not client.is_model_ready("long")
 
 
 def test_explicit_load_of_an_unknown_model_fails(explicit_server: ServerProcess) -> None:

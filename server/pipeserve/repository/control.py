@@ -15,16 +15,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pipeserve.errors import ModelLoadError, UnavailableError
+from pipeserve.errors import NOT_POLLED, ModelLoadError, UnavailableError
 from pipeserve.registry import IndexEntry, ModelState, Registry
 from pipeserve.repository.config import ModelConfig
 from pipeserve.repository.scan import ModelFolder, scan_repository
 from pipeserve.settings import CONTROL_MODES
 
 log = logging.getLogger(__name__)
-
-# Triton's words when a load could not even start (no folder, a malformed `config` override).
-NOT_POLLED = "failed to poll from model repository"
 
 
 class ModelControl:

@@ -23,6 +23,7 @@ import numpy as np
 from pipeserve import __version__
 from pipeserve.classification import check_requested, classify
 from pipeserve.errors import (
+    NOT_POLLED,
     ConfigError,
     InvalidInputError,
     ModelLoadError,
@@ -34,7 +35,7 @@ from pipeserve.errors import (
 from pipeserve.inference import InferRequest, InferResponse
 from pipeserve.registry import IndexEntry, Registry, ServedVersion
 from pipeserve.repository.config import ModelConfig, parse_config_json
-from pipeserve.repository.control import NOT_POLLED, ModelControl
+from pipeserve.repository.control import ModelControl
 from pipeserve.serving.state import ServerState
 from pipeserve.statistics import StatsSnapshot
 
