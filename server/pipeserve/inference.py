@@ -129,13 +129,21 @@ class ModelSpec:
             request.batch_size = batch
         else:
             request.batch_size = 1
-        for name in request.requested_outputs:
+        requested = request.requested_outputs
+        for name in requested:
             if name not in self._output_names:
                 known = self.output_names()
                 raise InvalidInputError(
                     f"unexpected inference output '{name}' for model '{self.name}', "
                     f"expected outputs {sorted(known)}"
                 )
+        if len(requested) > 1 and len(set(requested)) != len(requested):
+            # As Triton: asked twice it would have to choose which options (binary_data,
+            # class_count) the answer follows.
+            twice = next(n for i, n in enumerate(requested) if n in requested[:i])
+            raise InvalidInputError(
+                f"output '{twice}' already exists in request (request each output once)"
+            )
 
     def _check_names(self, given: set[str]) -> None:
         expected = {s.name for s in self.inputs}

@@ -315,7 +315,14 @@ def test_extra_input(client: grpcclient.InferenceServerClient) -> None:
 def test_duplicate_input(client: grpcclient.InferenceServerClient) -> None:
     inputs = [tensor(n, fp32(1, 16)) for n in ("INPUT0", "INPUT0", "INPUT1")]
     err = infer_error(client, "add_sub", inputs)
-    assert_error(err, "INVALID_ARGUMENT", "input 'INPUT0' appears more than once")
+    assert_error(err, "INVALID_ARGUMENT", "input 'INPUT0' already exists in request")
+
+
+def test_output_requested_twice(client: grpcclient.InferenceServerClient) -> None:
+    inputs = [tensor("INPUT0", fp32(1, 16)), tensor("INPUT1", fp32(1, 16))]
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("OUTPUT1", "OUTPUT0", "OUTPUT1")]
+    err = infer_error(client, "add_sub", inputs, outputs=outputs)
+    assert_error(err, "INVALID_ARGUMENT", "output 'OUTPUT1' already exists in request")
 
 
 def test_unknown_requested_output(client: grpcclient.InferenceServerClient) -> None:

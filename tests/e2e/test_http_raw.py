@@ -92,17 +92,16 @@ MALFORMED = [
         _with(_tensor(data=ROW[:15])),
         {},
         400,
-        "holds 15 values nested as [15], expected 16 values",
+        "holds 15 values, expected 16 (the shape [1, 16])",
     ),
     ("long flattened data", _with(_tensor(data=ROW + [1])), {}, 400, "holds 17 values"),
     (
-        "nested other shape",
-        _with(_tensor(data=[ROW[:8], ROW[8:]])),
+        "ragged nesting, a value short",
+        _with(_tensor(data=[ROW[:8], ROW[8:15]])),
         {},
         400,
-        "nested as [2, 8], expected 16 values flattened or nested as the shape [1, 16]",
+        "holds 15 values, expected 16",
     ),
-    ("ragged nesting", _with(_tensor(data=[ROW[:8], ROW[8:15]])), {}, 400, "ragged"),
     (
         "strings for FP32",
         _with(_tensor(data=["a"] * 16)),
@@ -145,6 +144,13 @@ MALFORMED = [
         {},
         400,
         "unexpected inference output 'NOPE'",
+    ),
+    (
+        "output requested twice",
+        {**GOOD, "outputs": [{"name": "OUTPUT0"}, {"name": "OUTPUT0"}]},
+        {},
+        400,
+        "output 'OUTPUT0' already exists in request",
     ),
     (
         "binary size without header",
@@ -233,6 +239,32 @@ def test_bad_inference_header_content_length(
     got, _, answer = post(conn, body, {"Inference-Header-Content-Length": value})
     assert got == status and words in json.loads(answer)["error"], answer
     assert_still_serving(conn)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [[ROW[:8], ROW[8:]], [ROW[:3], [ROW[3:]]], [[[[[[v]]]]] for v in ROW]],
+    ids=["other-shape", "ragged", "deep"],
+)
+def test_json_data_nested_any_way_is_read_in_row_major_order(
+    conn: http.client.HTTPConnection, data: list
+) -> None:
+    """As Triton reads it (its own HTTP test sends such data): only the count must match."""
+    status, _, body = post(conn, json.dumps(_with(_tensor(data=data))).encode())
+    assert status == 200, body
+    assert json.loads(body)["outputs"][0]["data"] == [2.0 * v for v in ROW]
+
+
+def test_json_data_nested_past_100_levels_is_refused(conn: http.client.HTTPConnection) -> None:
+    data: list = [ROW[1:]]
+    for _ in range(101):
+        data = [data]
+    status, _, body = post(conn, json.dumps(_with(_tensor(data=[0, data]))).encode())
+    assert status == 400
+    assert (
+        "input 'INPUT0': JSON nesting depth exceeds maximum allowed limit (100) in 'data'"
+        in error(status, body)
+    )
 
 
 def test_a_good_binary_request_by_hand(conn: http.client.HTTPConnection) -> None:

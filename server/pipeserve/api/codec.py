@@ -167,7 +167,7 @@ def _check_tensor(
     tensor: pb.ModelInferRequest.InferInputTensor, name: str, seen: Mapping[str, object]
 ) -> None:
     if name in seen:
-        raise InvalidInputError(f"input '{name}' appears more than once")
+        raise InvalidInputError(f"input '{name}' already exists in request (send each input once)")
     if tensor.parameters and any(k in tensor.parameters for k in _UNSUPPORTED_TENSOR_PARAMS):
         raise UnsupportedError(
             f"input '{name}': shared memory is not supported by pipeserve; send the tensor "

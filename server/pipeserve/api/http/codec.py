@@ -48,6 +48,9 @@ _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _EXPECTED = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
 # Request parameters with a meaning of their own, checked here, not passed to the model.
 _UINT_PARAMS = ("priority", "timeout")
+# JSON `data` may nest its values any way (it is read in row-major order, as Triton reads it),
+# up to Triton's depth limit.
+MAX_DATA_NESTING = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +162,9 @@ def decode_infer(
         if not isinstance(name, str) or not name:
             raise InvalidInputError(f"inputs[{i}] needs a 'name' string")
         if name in inputs:
-            raise InvalidInputError(f"input '{name}' appears more than once")
+            raise InvalidInputError(
+                f"input '{name}' already exists in request (send each input once)"
+            )
         datatype = raw.get("datatype")
         if not isinstance(datatype, str):
             raise InvalidInputError(f"input '{name}' needs a 'datatype' string")
@@ -336,7 +341,9 @@ def _outputs(raw_outputs: Any) -> tuple[tuple[str, ...], dict[str, bool], dict[s
 
 
 def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """JSON `data` -> an array of `shape`, converted by numpy in one call."""
+    """JSON `data` -> an array of `shape`: converted by numpy in one call when it is flat or
+    nested as the shape (what clients send), else read in row-major order whatever its
+    nesting, as Triton reads it."""
     count = math.prod(shape)
     if not isinstance(data, list):
         raise InvalidInputError(
@@ -350,17 +357,17 @@ def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> n
         )
     try:
         array = np.array(data)
-    except ValueError:
-        raise InvalidInputError(
-            f"input '{name}': 'data' is ragged (nested arrays of different lengths); expected "
-            f"{count} values flattened or nested as the shape {list(shape)}"
-        ) from None
-    if array.ndim == 1 and array.size == 0:
+    except ValueError:  # ragged, or nested deeper than numpy's dimensions
+        array = None
+    if array is not None and array.ndim == 1 and array.size == 0:
         array = array.astype(np.float64)  # [] has no kind of its own
-    if array.shape != shape and not (array.ndim == 1 and array.size == count):
+    if array is None or (array.shape != shape and array.ndim != 1):
+        data = _flattened(data, name)
+        array = np.array(data)
+    if array.size != count:
         raise InvalidInputError(
-            f"input '{name}': 'data' holds {array.size} values nested as {list(array.shape)}, "
-            f"expected {count} values flattened or nested as the shape {list(shape)}"
+            f"input '{name}': 'data' holds {array.size} values, expected {count} (the shape "
+            f"{list(shape)}), flattened or nested"
         )
     if datatype == "BYTES":
         # Not via numpy's fixed-width str dtype: it would drop trailing NUL characters.
@@ -386,6 +393,27 @@ def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> n
                 f"({info.min}..{info.max})"
             )
     return array.astype(dtype).reshape(shape)
+
+
+def _flattened(data: list[Any], name: str) -> list[Any]:
+    """The values of nested `data` in row-major order (without recursion: the nesting is the
+    client's)."""
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                if len(stack) >= MAX_DATA_NESTING:
+                    raise InvalidInputError(
+                        f"input '{name}': JSON nesting depth exceeds maximum allowed limit "
+                        f"({MAX_DATA_NESTING}) in 'data'"
+                    )
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
 
 
 def _kind(array: np.ndarray) -> str:

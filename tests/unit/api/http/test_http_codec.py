@@ -37,13 +37,35 @@ def _input(name="x", datatype="FP32", shape=(2, 2), **extra):
     return {"name": name, "datatype": datatype, "shape": list(shape), **extra}
 
 
-def test_flattened_and_nested_json_data_give_the_same_array():
-    flat, _ = _decode({"inputs": [_input(data=[1, 2, 3, 4])]})
-    nested, _ = _decode({"inputs": [_input(data=[[1, 2], [3, 4]])]})
-    for request in (flat, nested):
-        x = request.inputs["x"]
-        assert x.dtype == np.float32 and x.shape == (2, 2)
-        np.testing.assert_array_equal(x, [[1, 2], [3, 4]])
+def deep(value, depth):  # type: ignore[no-untyped-def]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [1, 2, 3, 4],
+        [[1, 2], [3, 4]],
+        # Any other nesting is read in row-major order, as Triton reads it:
+        [[1, 2, 3, 4]],
+        [[1], [2, 3], [[4]]],
+        deep([1, 2, 3, 4], 60),  # deeper than numpy's dimensions
+        [deep(1, 99), 2, 3, 4],  # Triton's limit: 100 levels
+    ],
+    ids=["flat", "as-the-shape", "other-shape", "ragged", "60-deep", "100-deep"],
+)
+def test_json_data_is_read_in_row_major_order_whatever_its_nesting(data) -> None:  # type: ignore[no-untyped-def]
+    request, _ = _decode({"inputs": [_input(data=data)]})
+    x = request.inputs["x"]
+    assert x.dtype == np.float32 and x.shape == (2, 2)
+    np.testing.assert_array_equal(x, [[1, 2], [3, 4]])
+
+
+def test_bytes_json_data_nested_deep_is_read_too() -> None:
+    request, _ = _decode({"inputs": [_input("s", "BYTES", [1, 1], data=deep("hello", 50))]})
+    assert request.inputs["s"].tolist() == [["hello"]]
 
 
 def test_binary_section_is_a_view_on_the_body_without_copy():
@@ -89,9 +111,14 @@ def test_parameters_id_and_outputs():
 @pytest.mark.parametrize(
     ("doc", "sections", "words"),
     [
-        ({"inputs": [_input(data=[1, 2, 3])]}, (), "holds 3 values nested as [3], expected 4"),
-        ({"inputs": [_input(data=[[1, 2], [3]])]}, (), "ragged"),
-        ({"inputs": [_input(data=[[1, 2, 3, 4]])]}, (), "nested as [1, 4]"),
+        ({"inputs": [_input(data=[1, 2, 3])]}, (), "holds 3 values, expected 4 (the shape [2, 2])"),
+        ({"inputs": [_input(data=[[1, 2], [3]])]}, (), "holds 3 values, expected 4"),
+        ({"inputs": [_input(data=[[1, 2, 3, 4, 5]])]}, (), "holds 5 values, expected 4"),
+        (
+            {"inputs": [_input(data=[deep(1, 100), 2, 3, 4])]},
+            (),
+            "JSON nesting depth exceeds maximum allowed limit (100)",
+        ),
         ({"inputs": [_input(data=["a", "b", "c", "d"])]}, (), "must hold numbers, got strings"),
         ({"inputs": [_input("i", "INT32", [2], data=[1.5, 2])]}, (), "must hold integers"),
         ({"inputs": [_input("i", "INT8", [1], data=[300])]}, (), "value 300"),
