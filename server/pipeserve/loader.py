@@ -23,7 +23,7 @@ from pipeserve.batching.base import ModelRunner
 from pipeserve.batching.factory import batching_policy
 from pipeserve.batching.policy import BatchingPolicy
 from pipeserve.classification import read_labels
-from pipeserve.errors import ConfigError, ModelLoadError
+from pipeserve.errors import NOT_POLLED, ConfigError, ModelLoadError
 from pipeserve.inference import ModelSpec
 from pipeserve.progress import LoadProgress
 from pipeserve.repository.config import (
@@ -217,5 +217,17 @@ def _model_bytes(graph: Path) -> int:
 
 
 def check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"invalid model name '{name}'")
+    """A model name must be one folder of the repository: never a path that leads out of it
+    (a load request's name comes from the client). Triton's words where it has them."""
+    if not name.strip():
+        raise ConfigError("Model name cannot be empty. Please enter a valid name to deploy.")
+    if "/" in name or "\\" in name or "\0" in name or name.strip() in (".", ".."):
+        raise ConfigError(
+            f"invalid model name {name!r}: model name must not contain path traversal "
+            "characters (a model is one folder of the repository)"
+        )
+    if name.startswith("."):  # a name, not a path: as Triton, it is just not found
+        raise ModelLoadError(
+            f"failed to load '{name}', {NOT_POLLED}: a name starting with '.' is a hidden "
+            "folder, which the repository never serves"
+        )

@@ -427,6 +427,42 @@ def test_explicit_load_with_bad_files(explicit_server: ServerProcess) -> None:
     assert client.is_server_live() and not client.is_model_ready("long")
 
 
+@pytest.mark.parametrize(
+    "name", ["..", "../etc", "a/../b", "/etc", "model/", " ..", ".. ", "a\\b", "x\0y"]
+)
+def test_explicit_load_of_a_path_is_refused_before_it_touches_the_disk(
+    explicit_server: ServerProcess, name: str
+) -> None:
+    """A load's model name is one folder of the repository (Triton's own input-validation
+    test sends these): the same answer whether or not such a path exists."""
+    client = client_for(explicit_server)
+    err = rpc_error(client.load_model, name)
+    assert err.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "model name must not contain path traversal characters" in err.message()
+    assert client.is_server_live()
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n"])
+def test_explicit_load_of_an_empty_name_is_refused(
+    explicit_server: ServerProcess, name: str
+) -> None:
+    err = rpc_error(client_for(explicit_server).load_model, name)
+    assert err.status() == "StatusCode.INVALID_ARGUMENT"
+    assert err.message() == "Model name cannot be empty. Please enter a valid name to deploy."
+
+
+@pytest.mark.parametrize("name", ["...", "..my_model", ".hidden"])
+def test_explicit_load_of_a_hidden_name_is_not_found(
+    explicit_server: ServerProcess, name: str
+) -> None:
+    err = rpc_error(client_for(explicit_server).load_model, name)
+    assert err.status() == "StatusCode.INTERNAL"  # as for a folder that is not there
+    assert err.message().startswith(
+        f"failed to load '{name}', failed to poll from model repository"
+    )
+    assert "path traversal" not in err.message()
+
+
 def test_explicit_load_of_an_unknown_model_fails(explicit_server: ServerProcess) -> None:
     client = client_for(explicit_server)
     err = rpc_error(client.load_model, "no_such_model")

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pipeserve.errors import NOT_POLLED, ModelLoadError, UnavailableError
+from pipeserve.loader import check_name
 from pipeserve.registry import IndexEntry, ModelState, Registry
 from pipeserve.repository.config import ModelConfig
 from pipeserve.repository.scan import ModelFolder, scan_repository
@@ -75,6 +76,7 @@ class ModelControl:
         """RepositoryModelLoad (explicit mode only). A failure is the client's: logged at
         WARNING with the reason, answered with it."""
         self.require_explicit()
+        check_name(name)  # before the name touches the file system
         if not files and not (self._repository / name).is_dir():
             reason = f"no model folder '{name}' in the model repository"
             log.warning("failed to poll model '%s': %s", name, reason)
