@@ -40,61 +40,33 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 
 # Example -> its arguments (one run each). All talk to localhost:8000 / :8001, their default.
-RUNS: list[tuple[str, list[str]]] = [
-    ("simple_grpc_infer_client.py", []),
-    ("simple_grpc_async_infer_client.py", []),
-    ("simple_grpc_aio_infer_client.py", []),
-    ("simple_grpc_health_metadata.py", []),
-    ("simple_grpc_string_infer_client.py", []),
-    ("simple_grpc_custom_args_client.py", []),
-    ("simple_grpc_keepalive_client.py", []),
-    ("grpc_explicit_int_content_client.py", []),
-    ("grpc_explicit_byte_content_client.py", []),
-    ("grpc_explicit_int8_content_client.py", []),
-    ("grpc_client.py", []),
-    ("simple_http_infer_client.py", []),
-    ("simple_http_async_infer_client.py", []),
-    ("simple_http_aio_infer_client.py", []),
-    ("simple_http_health_metadata.py", []),
-    ("simple_http_string_infer_client.py", []),
-    ("memory_growth_test.py", ["-i", "grpc", "-r", "20"]),
-    ("memory_growth_test.py", ["-i", "http", "-r", "20"]),
-    ("image_client.py", ["-m", "densenet_onnx", "-c", "3", "-s", "INCEPTION", "IMAGE"]),
-    ("image_client.py", ["-m", "densenet_onnx", "-c", "3", "-s", "VGG", "-a", "IMAGE"]),
+RUNS: list[tuple[str, str]] = [
+    ("simple_grpc_infer_client.py", ""),
+    ("simple_grpc_async_infer_client.py", ""),
+    ("simple_grpc_aio_infer_client.py", ""),
+    ("simple_grpc_health_metadata.py", ""),
+    ("simple_grpc_string_infer_client.py", ""),
+    ("simple_grpc_custom_args_client.py", ""),
+    ("simple_grpc_keepalive_client.py", ""),
+    ("grpc_explicit_int_content_client.py", ""),
+    ("grpc_explicit_byte_content_client.py", ""),
+    ("grpc_explicit_int8_content_client.py", ""),
+    ("grpc_client.py", ""),
+    ("simple_http_infer_client.py", ""),
+    ("simple_http_async_infer_client.py", ""),
+    ("simple_http_aio_infer_client.py", ""),
+    ("simple_http_health_metadata.py", ""),
+    ("simple_http_string_infer_client.py", ""),
+    ("memory_growth_test.py", "-i grpc -r 20"),
+    ("memory_growth_test.py", "-i http -r 20"),
+    ("image_client.py", "-m densenet_onnx -c 3 -s INCEPTION IMAGE"),
+    ("image_client.py", "-m densenet_onnx -c 3 -s VGG -a IMAGE"),
+    ("image_client.py", "-m densenet_onnx -c 2 -s NONE -i grpc -u localhost:8001 IMAGE"),
     (
         "image_client.py",
-        [
-            "-m",
-            "densenet_onnx",
-            "-c",
-            "2",
-            "-s",
-            "NONE",
-            "-i",
-            "grpc",
-            "-u",
-            "localhost:8001",
-            "IMAGE",
-        ],
-    ),  # fmt: skip
-    (
-        "image_client.py",
-        [
-            "-m",
-            "densenet_onnx",
-            "-c",
-            "2",
-            "-s",
-            "NONE",
-            "-i",
-            "grpc",
-            "-u",
-            "localhost:8001",
-            "--streaming",
-            "IMAGE",
-        ],
-    ),  # fmt: skip
-    ("grpc_image_client.py", ["-m", "densenet_onnx", "-c", "3", "-s", "INCEPTION", "IMAGE"]),
+        "-m densenet_onnx -c 2 -s NONE -i grpc -u localhost:8001 --streaming IMAGE",
+    ),
+    ("grpc_image_client.py", "-m densenet_onnx -c 3 -s INCEPTION IMAGE"),
 ]
 # Model-control examples: example -> how many models its repository must hold.
 CONTROL = [("simple_grpc_model_control.py", 8), ("simple_http_model_control.py", 7)]
@@ -140,7 +112,7 @@ def _sum_and_difference(root: Path, name: str, elem: int, as_strings: bool = Fal
             helper.make_node("Cast", ["s"], ["OUTPUT0"], to=TensorProto.STRING),
             helper.make_node("Cast", ["d"], ["OUTPUT1"], to=TensorProto.STRING),
         ]
-    shape = ["batch", 16]
+    shape: list[str | int | None] = ["batch", 16]
     graph = helper.make_graph(
         nodes,
         name,
@@ -240,8 +212,8 @@ def serving(repo: Path) -> Iterator[None]:
         proc.wait(30)
 
 
-def run(examples: Path, script: str, args: list[str], image: Path) -> tuple[bool, str]:
-    argv = [str(image) if a == "IMAGE" else a for a in args]
+def run(examples: Path, script: str, args: str, image: Path) -> tuple[bool, str]:
+    argv = [str(image) if a == "IMAGE" else a for a in args.split()]
     done = subprocess.run(
         [sys.executable, str(examples / script), *argv],
         capture_output=True, text=True, timeout=120, cwd=examples,
@@ -276,9 +248,7 @@ def main() -> None:
         with serving(repo):
             for script, script_args in RUNS:
                 ok, last = run(examples, script, script_args, image)
-                rows.append(
-                    (f"{script} {' '.join(script_args)}".strip(), "pass" if ok else "FAIL", last)
-                )
+                rows.append((f"{script} {script_args}".strip(), "pass" if ok else "FAIL", last))
         for script, models in CONTROL:
             control = root / f"control-{models}"
             shutil.copytree(repo, control)
@@ -292,7 +262,7 @@ def main() -> None:
             for surplus in sorted(control.iterdir())[models:]:
                 shutil.rmtree(surplus)
             with serving(control):
-                ok, last = run(examples, script, [], image)
+                ok, last = run(examples, script, "", image)
                 rows.append((script, "pass" if ok else "FAIL", last))
     ran = {script for script, _ in RUNS} | {script for script, _ in CONTROL}
     for path in sorted(examples.glob("*.py")):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import hpack
@@ -184,6 +184,29 @@ async def start(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, service, port
+
+
+def run(body: Callable[[H2Server, EchoService, int], Awaitable[None]], **kw: int) -> None:
+    """Runs `body(server, service, port)` in a new event loop against a server from `start`
+    (keyword arguments go to it), stopped afterwards; the whole run is bounded (60 s)."""
+
+    async def main() -> None:
+        server, service, port = await start(**kw)
+        try:
+            await body(server, service, port)
+        finally:
+            await server.stop(0)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def settled(server: H2Server) -> None:
+    """Until every call ended (a reset or cancelled call ends at the loop's next turns)."""
+    for _ in range(300):
+        if server.call_count() == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{server.call_count()} calls still registered")
 
 
 def unary(ch: grpc.aio.Channel, method: str):  # type: ignore[no-untyped-def]

@@ -516,6 +516,7 @@ class Call:
         # whole messages pile up undispatched: then it comes back as they are dispatched.
         buffer = self.buffer
         if self.closing is not None:  # the call is ending: what still comes is dropped
+            self._uncharge(len(payload))
             self.stream.credit(len(payload))
             return
         if self._lagging():

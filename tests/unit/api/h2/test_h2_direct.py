@@ -4,34 +4,13 @@ same answers, deadlines, cancellations and resets as a handler run in a task."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.server import H2Server
-from tests.unit.h2_driver import EchoService, RawClient, channel, message, start, unary
-
-
-def run(body: Callable[[H2Server, EchoService, int], Awaitable[None]], **kw: int) -> None:
-    async def main() -> None:
-        server, service, port = await start(**kw)
-        try:
-            await body(server, service, port)
-        finally:
-            await server.stop(0)
-
-    asyncio.run(asyncio.wait_for(main(), 60))
-
-
-async def _settled(server: H2Server) -> None:
-    """Until every call ended (a reset or cancelled call ends at the loop's next turns)."""
-    for _ in range(200):
-        if server.call_count() == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{server.call_count()} calls still registered")
+from tests.unit.h2_driver import EchoService, RawClient, channel, message, run, settled, unary
 
 
 def test_direct_calls_answer_like_task_calls() -> None:
@@ -42,7 +21,7 @@ def test_direct_calls_answer_like_task_calls() -> None:
             assert await asyncio.gather(*(echo(p) for p in payloads)) == payloads
             big = bytes(range(256)) * 40_000  # 10 MiB: an answer over many frames and windows
             assert await echo(big) == big
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -66,7 +45,7 @@ def test_direct_refusals_reach_the_client_as_their_status(
             assert err.value.code() == code
             assert err.value.details() == details
             assert await unary(ch, "DirectEcho")(b"still fine") == b"still fine"
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -79,7 +58,7 @@ def test_direct_deadline_cancels_the_work_and_answers_deadline_exceeded() -> Non
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         (future,) = service.direct.waiting
         assert future.cancelled()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -93,7 +72,7 @@ def test_direct_client_cancel_cancels_the_work() -> None:
                     break
                 await asyncio.sleep(0.01)
             call.cancel()
-            await _settled(server)
+            await settled(server)
             assert service.direct.waiting[0].cancelled()
             assert await unary(ch, "DirectEcho")(b"after") == b"after"
 
@@ -111,7 +90,7 @@ def test_direct_reset_stream_cancels_the_work_and_the_connection_goes_on() -> No
             await asyncio.sleep(0.01)
         client.send(f.RST_STREAM, 0, 1, f.CANCEL.to_bytes(4, "big"))
         client.send(f.RST_STREAM, 0, 3, f.CANCEL.to_bytes(4, "big"))
-        await _settled(server)
+        await settled(server)
         assert all(future.cancelled() for future in service.direct.waiting)
         client.call(5, "DirectEcho", message(b"after reset"))
         response = await client.response(5)
@@ -130,6 +109,6 @@ def test_direct_answer_over_the_send_limit_is_resource_exhausted() -> None:
         assert response.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
         assert response.message == "Sent message larger than max (1000 vs. 999)"
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body, max_send=999)

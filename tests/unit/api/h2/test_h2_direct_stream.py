@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,26 +15,15 @@ import pytest
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.calls import _STREAM_WINDOW
 from pipeserve.api.h2.server import H2Server
-from tests.unit.h2_driver import SERVICE, EchoService, RawClient, channel, message, start
-
-
-def run(body: Callable[[H2Server, EchoService, int], Awaitable[None]], **kw: int) -> None:
-    async def main() -> None:
-        server, service, port = await start(**kw)
-        try:
-            await body(server, service, port)
-        finally:
-            await server.stop(0)
-
-    asyncio.run(asyncio.wait_for(main(), 60))
-
-
-async def _settled(server: H2Server) -> None:
-    for _ in range(300):
-        if server.call_count() == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{server.call_count()} calls still registered")
+from tests.unit.h2_driver import (
+    SERVICE,
+    EchoService,
+    RawClient,
+    channel,
+    message,
+    run,
+    settled,
+)
 
 
 async def _until(check: Callable[[], bool]) -> None:
@@ -65,7 +54,7 @@ def test_every_message_is_answered_past_the_window() -> None:
             assert await call.code() == grpc.StatusCode.OK
         assert sorted(answers) == sorted(m.removeprefix(b"now:") for m in sent)
         assert service.direct.streamed == 600
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -93,7 +82,7 @@ def test_the_window_holds_messages_until_answers_free_it() -> None:
         assert response.messages() == [b"freed"] * (_STREAM_WINDOW + 44)
         assert response.status == 0
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -115,7 +104,7 @@ def test_a_lagging_client_stops_the_call_from_running_more() -> None:
         assert [len(m) for m in response.messages()] == [600_000] * 10
         assert response.status == 0
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -150,7 +139,7 @@ def test_a_refusal_ends_the_call_once_the_requests_in_flight_are_answered(
         assert response.message == details
         assert service.direct.streamed == 3
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -163,7 +152,7 @@ def test_reset_and_deadline_cancel_the_work_in_flight() -> None:
         client.send(f.DATA, 0, 1, message(b"hold") * 3)
         await _until(lambda: len(held) == 3)
         client.send(f.RST_STREAM, 0, 1, f.CANCEL.to_bytes(4, "big"))
-        await _settled(server)
+        await settled(server)
         assert all(future.cancelled() for future in held)
 
         headers = client.request_headers("DirectStream", {"grpc-timeout": "300m"})
@@ -174,7 +163,7 @@ def test_reset_and_deadline_cancel_the_work_in_flight() -> None:
         assert response.status == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert len(held) == 4 and held[3].cancelled()
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -190,7 +179,7 @@ def test_a_stream_that_ends_inside_a_message_is_refused() -> None:
         assert response.message == "stream ended inside a message"
         assert service.direct.waiting[0].cancelled()
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -205,7 +194,7 @@ def test_an_oversized_message_is_resource_exhausted() -> None:
         assert response.status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
         assert response.message == "Received message larger than max (2000 vs. 1000)"
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body, max_message=1000)
 
@@ -226,7 +215,7 @@ def test_a_compressed_stream_runs_the_registered_handler() -> None:
         assert response.status == 0
         assert service.direct.streamed == 0
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -241,7 +230,7 @@ def test_a_compressed_message_without_an_encoding_is_refused() -> None:
         assert response.status == grpc.StatusCode.INTERNAL.value[0]
         assert response.message == "compressed message without a grpc-encoding"
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
 
@@ -258,6 +247,6 @@ def test_messages_split_across_frames_are_reassembled() -> None:
         assert response.messages() == [b"%d" % i for i in range(50)]
         assert response.status == 0
         await client.close()
-        await _settled(server)
+        await settled(server)
 
     run(body)
