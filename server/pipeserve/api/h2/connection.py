@@ -318,7 +318,7 @@ class Connection(asyncio.Protocol):
         self._idle_since = now
         self._ping_due: float | None = None  # keepalive PING sent, answer expected by then
         # Flood accounting: grpc-core's ping strikes, nghttp2's reset bucket, frame rates.
-        self.answered = False  # response HEADERS or DATA sent since the last client PING
+        self.answered = False  # response HEADERS or DATA written since the last client PING
         self._ping_strikes = 0
         self._last_ping = -1e18
         self._reset_burst = limits.reset_burst
@@ -422,6 +422,9 @@ class Connection(asyncio.Protocol):
             window -= room
             self.send_window -= room
         if sent:
+            # Data written resets the client's ping strikes, as in grpc-core: a client reading a
+            # long answer pings as it reads (its BDP probe), and those pings are no flood.
+            self.answered = True
             stream.window_adj -= sent
             if not self._flush_scheduled:
                 self._flush_scheduled = True

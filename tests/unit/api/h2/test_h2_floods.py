@@ -221,6 +221,36 @@ def test_pinging_too_often_gets_too_many_pings_as_from_grpc_core() -> None:
     run(main())
 
 
+def test_pings_while_a_long_answer_is_read_are_not_strikes() -> None:
+    """grpc-core's client pings as it reads a big answer (its BDP probe): every DATA frame the
+    server writes resets the strikes, not only the start of an answer. (A 1.9 GB answer to
+    tritonclient was cut off with too_many_pings before.)"""
+
+    async def main() -> None:
+        async with serving() as (_, _, port):
+            client = await RawClient.connect(port, {f.INITIAL_WINDOW_SIZE: 0})
+            client.call(1, "Big", message(b"100000"))
+            got = 0
+            for _ in range(10):  # each round: windows for 10,000 more bytes, then a ping
+                client.send(f.WINDOW_UPDATE, 0, 0, (10_000).to_bytes(4, "big"))
+                client.send(f.WINDOW_UPDATE, 0, 1, (10_000).to_bytes(4, "big"))
+                client.send(f.PING, 0, 0, b"12345678")
+                while True:
+                    kind, _, sid, payload = await client.frame()
+                    assert kind != f.GOAWAY, payload
+                    if kind == f.DATA and sid == 1:
+                        got += len(payload)
+                    if kind == f.PING:  # its ACK comes after the data this window allowed
+                        break
+            assert got >= 90_000
+            client.send(f.WINDOW_UPDATE, 0, 1, (1 << 20).to_bytes(4, "big"))
+            response = await client.response(1)
+            assert response.goaway is None and response.status == 0
+            await client.close()
+
+    run(main())
+
+
 def test_empty_frame_flood_gets_enhance_your_calm() -> None:
     async def main() -> None:
         async with serving() as (_, _, port):
