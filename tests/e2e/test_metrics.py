@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -276,6 +277,32 @@ def test_pipeline_stage_series_count_every_micro_batch_in_every_stage(
     whole = {"model": "mlp_pipe", "version": "1"}
     assert counter(families, "nv_inference_exec_count", **whole) == len(batches)
     assert counter(families, "nv_inference_count", **whole) == sum(batches)
+
+
+def test_host_cpu_and_memory_under_tritons_names(server: ServerProcess) -> None:
+    """What Triton's dashboards plot: the machine's CPU utilisation (0-1, since the previous
+    sample) and RAM, from /proc (the process's own are the process_* series)."""
+    meminfo = dict(
+        (line.split(":")[0], int(line.split()[1]) * 1024)
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith(("MemTotal:", "MemAvailable:"))
+    )
+    text, families = scrape(server)
+    for name, help_text in (
+        ("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]"),
+        ("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes"),
+        ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes"),
+    ):
+        assert f"# HELP {name} {help_text}\n# TYPE {name} gauge\n" in text
+    assert sample(families, "nv_cpu_memory_total_bytes") == meminfo["MemTotal"]
+    used = sample(families, "nv_cpu_memory_used_bytes")
+    assert 0 < used < meminfo["MemTotal"]
+    # Busy work in this process shows in the next sample, taken a second or more later.
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        sum(range(10_000))
+    _, families = scrape(server)
+    assert 0.0 < sample(families, "nv_cpu_utilization") <= 1.0
 
 
 def test_no_gpu_series_on_a_machine_without_gpu(server: ServerProcess) -> None:

@@ -1,3 +1,4 @@
-"""Prometheus metrics: the per-model recorder and Triton-named families (`recorder`), GPU
-series read from NVML at scrape time (`gpu`), and the /metrics endpoint that writes the text
-exposition (`http`). The registry is always passed in, never global."""
+"""Prometheus metrics: the per-model recorder and Triton-named families (`recorder`), the host's
+CPU and memory read from /proc (`cpu`) and GPU series read from NVML (`gpu`), both at scrape
+time, and the /metrics endpoint that writes the text exposition (`http`). The registry is always
+passed in, never global."""

@@ -35,6 +35,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from pipeserve.metrics.cpu import CpuCollector
 from pipeserve.metrics.gpu import GpuCollector
 from pipeserve.observers import ExecutionTimings
 from pipeserve.statistics import ModelStats
@@ -352,7 +353,8 @@ class ServerMetrics:
     """Owns every bound model version's recorder and exposes them on `registry`.
 
     Registers on `registry`: itself (model series), prometheus_client's ProcessCollector (CPU
-    seconds, resident memory, open fds) and, where NVML finds a GPU, a GpuCollector.
+    seconds, resident memory, open fds), the host's CPU and memory (CpuCollector, where /proc is
+    readable) and, where NVML finds a GPU, a GpuCollector.
 
     Binding a version that is already bound (a reload of the same version, whose new copy loads
     while the old one serves) returns the same recorder, so its counters run on without a reset;
@@ -372,6 +374,9 @@ class ServerMetrics:
         registry.register(self)
         if process_metrics:
             ProcessCollector(registry=registry)
+            cpu_collector = CpuCollector.open()
+            if cpu_collector is not None:
+                registry.register(cpu_collector)
         if gpu_collector is None and detect_gpus:
             gpu_collector = GpuCollector.open()
         self.gpu_collector = gpu_collector
