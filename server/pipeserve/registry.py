@@ -406,24 +406,27 @@ def _write_files(name: str, files: Mapping[str, bytes]) -> Path:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="pipeserve-load-"))
-    model_dir = root / name
-    for relative, content in files.items():
-        try:
-            target = (model_dir / relative).resolve()
-            if not target.is_relative_to(model_dir.resolve()):
-                raise InvalidInputError(f"file path '{relative}' leaves the model folder")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-        except OSError as exc:  # a name too long, a full disk: as Triton, the load never starts
-            shutil.rmtree(root, ignore_errors=True)
-            shown = relative if len(relative) <= 64 else relative[:64] + "..."
-            reason = f"could not write 'file:{shown}' ({exc.strerror or exc})"
-            log.warning("failed to load model '%s': %s", name, reason)
-            raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {reason}") from None
-        except InvalidInputError:
-            shutil.rmtree(root, ignore_errors=True)
-            raise
+    try:
+        for relative, content in files.items():
+            _write_file(name, root / name, relative, content)
+    except PipeserveError:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     return root
+
+
+def _write_file(name: str, model_dir: Path, relative: str, content: bytes) -> None:
+    try:
+        target = (model_dir / relative).resolve()
+        if not target.is_relative_to(model_dir.resolve()):
+            raise InvalidInputError(f"file path '{relative}' leaves the model folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    except OSError as exc:  # a name too long, a full disk: as Triton, the load never starts
+        shown = relative if len(relative) <= 64 else relative[:64] + "..."
+        reason = f"could not write 'file:{shown}' ({exc.strerror or exc})"
+        log.warning("failed to load model '%s': %s", name, reason)
+        raise ModelLoadError(f"failed to load '{name}', {NOT_POLLED}: {reason}") from None
 
 
 def _without_model_prefix(name: str, reason: str) -> str:

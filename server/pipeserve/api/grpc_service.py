@@ -43,8 +43,6 @@ STREAM_WINDOW = 256
 
 # What the kept-header reader gives (api/request_wire.py): head, raw contents, request id.
 Read = tuple[RequestHead, list[bytes], str]
-# A request's model name, model version and id as sent: what a stream's error answer repeats.
-Named = tuple[str, str, str]
 Started = tuple[ServedVersion, InferRequest, "asyncio.Future[dict[str, np.ndarray]]"]
 
 if TYPE_CHECKING:
@@ -132,7 +130,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             served, request, outputs = self._start_wire(got)
         except Exception as exc:
-            return _stream_failure(_named(got), exc).SerializeToString()
+            return _stream_failure(got, exc).SerializeToString()
         return outputs, functools.partial(self._finish_streamed, got, served, request)
 
     def _read(self, body: bytes | memoryview) -> Read | pb.ModelInferRequest:
@@ -179,7 +177,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return stream_response_bytes(self._answer_bytes(served, request, outputs.result()))
         except Exception as exc:
-            return _stream_failure(_named(got), exc).SerializeToString()
+            return _stream_failure(got, exc).SerializeToString()
 
     def _answer_bytes(
         self, served: ServedVersion, request: InferRequest, outputs: dict[str, np.ndarray]
@@ -235,7 +233,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     answer = self._finish_infer(served, request, outputs.result())
                     results.put_nowait(pb.ModelStreamInferResponse(infer_response=answer))
                 except Exception as exc:
-                    results.put_nowait(_stream_failure(_named(msg), exc))
+                    results.put_nowait(_stream_failure(msg, exc))
             if not reading and not running:
                 results.put_nowait(None)
 
@@ -247,7 +245,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     try:
                         served, request, outputs = self._start_infer(msg)
                     except Exception as exc:
-                        results.put_nowait(_stream_failure(_named(msg), exc))
+                        results.put_nowait(_stream_failure(msg, exc))
                         continue
                     running.add(outputs)
                     outputs.add_done_callback(functools.partial(settle, msg, served, request))
@@ -310,23 +308,21 @@ async def _unimplemented(what: str) -> None:
     DataPlane.unsupported(what)
 
 
-def _named(got: Read | pb.ModelInferRequest) -> Named:
-    if not isinstance(got, tuple):
-        return got.model_name, got.model_version, got.id
-    head, _, request_id = got
-    return head.model_name, head.model_version, request_id
-
-
-def _stream_failure(named: Named, exc: Exception) -> pb.ModelStreamInferResponse:
-    """The answer to one stream request that failed (call it inside the `except`)."""
+def _stream_failure(
+    got: Read | pb.ModelInferRequest, exc: Exception
+) -> pb.ModelStreamInferResponse:
+    """The answer to one stream request that failed (call it inside the `except`): it repeats
+    the request's model, version and id as sent."""
+    if isinstance(got, tuple):  # read through its kept head
+        head, _, request_id = got
+        model_name, model_version = head.model_name, head.model_version
+    else:
+        model_name, model_version, request_id = got.model_name, got.model_version, got.id
     if isinstance(exc, PipeserveError):
-        return _stream_error(named, exc.message)
-    log.exception("unexpected error in a stream request")
-    return _stream_error(named, f"internal error: {exc}")
-
-
-def _stream_error(named: Named, message: str) -> pb.ModelStreamInferResponse:
-    model_name, model_version, request_id = named
+        message = exc.message
+    else:
+        log.exception("unexpected error in a stream request")
+        message = f"internal error: {exc}"
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(

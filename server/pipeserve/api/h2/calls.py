@@ -562,9 +562,12 @@ class Call:
         flights = self.flights
         assert flights is not None
         at, n = 0, len(data)
-        while n - at >= _PREFIX and len(flights) < _STREAM_WINDOW and self.stall is None:
-            if self.closing is not None:
-                break
+        while (
+            n - at >= _PREFIX
+            and len(flights) < _STREAM_WINDOW
+            and self.stall is None
+            and self.closing is None
+        ):
             if data[at]:  # compressed: this call has no grpc-encoding (start), so it fails
                 self._inflation(data[at], data[at:at])
                 return at
@@ -611,12 +614,8 @@ class Call:
             self._unexpected(exc)
             return
         self._write_answer(answer)
-        if self.stream.done:
-            return
-        if self.buffer and self.closing is None:
-            self._next_messages()
-        if self.ended and not self.stream.done:
-            self._end_if_answered()
+        if not self.stream.done:
+            self._resume()
 
     def _write_answer(self, answer: bytes) -> None:
         try:
@@ -635,10 +634,15 @@ class Call:
         finally:
             self.stall = None
         if not self.stream.done:
-            if self.closing is None:
-                self._next_messages()
-            if self.ended:
-                self._end_if_answered()
+            self._resume()
+
+    def _resume(self) -> None:
+        """Room again (an answer written, or the client caught up): run the messages that
+        wait, or end the call if no more will run."""
+        if self.buffer and self.closing is None:
+            self._next_messages()
+        if self.ended and not self.stream.done:
+            self._end_if_answered()
 
     def _close_with(self, code: grpc.StatusCode, details: str) -> None:
         """A message was refused: no further message runs, and once the answers of those in
