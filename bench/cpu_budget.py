@@ -21,12 +21,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batching import mlp, serve_command, started  # noqa: E402
+from batching import serve_command, started  # noqa: E402
 from loadgen import run_perf_analyzer  # noqa: E402
 from loop_share import thread_cpu  # noqa: E402
-from vs_triton import MODELS, add_one, answered, convnet, write_pipeserve_repository  # noqa: E402
-
-BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet}
+from vs_triton import BUILDERS, MODELS, answered, write_pipeserve_repository  # noqa: E402
 
 
 def children_cpu() -> float:

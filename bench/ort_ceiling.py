@@ -22,10 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batching import mlp  # noqa: E402
-from vs_triton import MODELS, convnet  # noqa: E402
-
-BUILDERS = {"mlp": mlp, "convnet": convnet}
+from vs_triton import BUILDERS, MODELS  # noqa: E402
 
 
 def rate(session: ort.InferenceSession, batch: int, dims: list[int], seconds: float) -> float:
@@ -41,7 +38,7 @@ def rate(session: ort.InferenceSession, batch: int, dims: list[int], seconds: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(BUILDERS), default="convnet")
+    parser.add_argument("--model", choices=("mlp", "convnet"), default="convnet")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="median of")

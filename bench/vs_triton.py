@@ -114,6 +114,10 @@ def convnet(path: Path) -> Path:
     return _save(graph, path)
 
 
+# name -> the function that writes that model's ONNX file
+BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet}
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
@@ -203,11 +207,10 @@ def main() -> None:
     if not perf_analyzer_usable():
         sys.exit("perf_analyzer does not start here (see bench/loadgen.py)")
     rows = [ROWS[i] for i in args.rows] if args.rows else list(ROWS)
-    builders = {"add_one": add_one, "mlp": mlp, "convnet": convnet}
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         root = Path(tmp)
-        files = {name: builders[name](root / f"{name}.onnx") for name in MODELS}
+        files = {name: BUILDERS[name](root / f"{name}.onnx") for name in MODELS}
         repo = write_pipeserve_repository(root / "repo", files)
         triton_repo = root / "triton"
         for name, model in files.items():

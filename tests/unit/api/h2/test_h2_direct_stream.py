@@ -34,6 +34,11 @@ async def _until(check: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached")
 
 
+def _open(client: RawClient, stream_id: int = 1, extra: dict[str, str] | None = None) -> None:
+    """Starts a DirectStream call on `stream_id` (its messages follow as DATA frames)."""
+    client.send(f.HEADERS, f.END_HEADERS, stream_id, client.request_headers("DirectStream", extra))
+
+
 def _stream_call(ch: grpc.aio.Channel):  # type: ignore[no-untyped-def]
     return ch.stream_stream(
         f"/{SERVICE}/DirectStream",
@@ -63,7 +68,7 @@ def test_the_window_holds_messages_until_answers_free_it() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         held = service.direct.waiting
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, 0, 1, b"".join(message(b"hold") for _ in range(_STREAM_WINDOW + 44)))
         await _until(lambda: len(held) == _STREAM_WINDOW)
         await asyncio.sleep(0.1)
@@ -93,7 +98,7 @@ def test_a_lagging_client_stops_the_call_from_running_more() -> None:
 
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port, {f.INITIAL_WINDOW_SIZE: 0})
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, f.END_STREAM, 1, b"".join(message(b"big:600000") for _ in range(10)))
         await _until(lambda: service.direct.streamed == 2)
         await asyncio.sleep(0.2)
@@ -125,7 +130,7 @@ def test_a_refusal_ends_the_call_once_the_requests_in_flight_are_answered(
 
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         sent = [b"now:first", b"hold", refused, b"now:never"]
         client.send(f.DATA, 0, 1, b"".join(message(m) for m in sent))
         await _until(lambda: service.direct.streamed == 3)
@@ -148,15 +153,14 @@ def test_reset_and_deadline_cancel_the_work_in_flight() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         held = service.direct.waiting
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, 0, 1, message(b"hold") * 3)
         await _until(lambda: len(held) == 3)
         client.send(f.RST_STREAM, 0, 1, f.CANCEL.to_bytes(4, "big"))
         await settled(server)
         assert all(future.cancelled() for future in held)
 
-        headers = client.request_headers("DirectStream", {"grpc-timeout": "300m"})
-        client.send(f.HEADERS, f.END_HEADERS, 3, headers)
+        _open(client, 3, {"grpc-timeout": "300m"})
         client.send(f.DATA, 0, 3, message(b"hold") + message(b"now:answered"))
         response = await client.response(3)
         assert response.messages() == [b"answered"]
@@ -171,7 +175,7 @@ def test_reset_and_deadline_cancel_the_work_in_flight() -> None:
 def test_a_stream_that_ends_inside_a_message_is_refused() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, 0, 1, message(b"hold"))
         client.send(f.DATA, f.END_STREAM, 1, message(b"cut short")[:-3])
         response = await client.response(1)
@@ -187,7 +191,7 @@ def test_a_stream_that_ends_inside_a_message_is_refused() -> None:
 def test_an_oversized_message_is_resource_exhausted() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, f.END_STREAM, 1, message(b"now:ok") + message(b"x" * 2000))
         response = await client.response(1)
         assert response.messages() == [b"ok"]
@@ -204,8 +208,7 @@ def test_a_compressed_stream_runs_the_registered_handler() -> None:
 
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        headers = client.request_headers("DirectStream", {"grpc-encoding": "gzip"})
-        client.send(f.HEADERS, f.END_HEADERS, 1, headers)
+        _open(client, 1, {"grpc-encoding": "gzip"})
         sent = [b"now:a", b"bb", b"c" * 5000]
         client.send(
             f.DATA, f.END_STREAM, 1, b"".join(message(gzip.compress(m), True) for m in sent)
@@ -223,7 +226,7 @@ def test_a_compressed_stream_runs_the_registered_handler() -> None:
 def test_a_compressed_message_without_an_encoding_is_refused() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         client.send(f.DATA, f.END_STREAM, 1, message(b"now:ok") + message(b"zz", True))
         response = await client.response(1)
         assert response.messages() == [b"ok"]
@@ -238,7 +241,7 @@ def test_a_compressed_message_without_an_encoding_is_refused() -> None:
 def test_messages_split_across_frames_are_reassembled() -> None:
     async def body(server: H2Server, service: EchoService, port: int) -> None:
         client = await RawClient.connect(port)
-        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectStream"))
+        _open(client)
         data = b"".join(message(b"now:%d" % i) for i in range(50))
         for i in range(0, len(data), 7):  # frames that cut prefixes and bodies
             client.send(f.DATA, 0, 1, data[i : i + 7])
