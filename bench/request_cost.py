@@ -7,14 +7,16 @@ server in turn (the order flips every round) with perf_analyzer in its default s
 concurrency 32 and divides the server process's CPU time over that run by the requests its
 statistics counted. Medians over rounds. `--protocol http` drives the REST endpoint instead
 (perf_analyzer `-i http`, binary tensors); `--streaming`, gRPC's ModelStreamInfer (one stream
-per perf_analyzer context).
+per perf_analyzer context). `--model pool --concurrency 8` sends a 602 KB image per request to
+a model that only averages it (vs_triton.py's `pool`): the cost of a large tensor.
 
     .venv/bin/python bench/request_cost.py --rounds 3 --src /work/wt/base --src .
 
 A checkout is any folder holding `server/` (`git worktree add --detach DIR COMMIT` makes one).
 `--in-process` measures the same path without sockets or a load generator: the real server
-objects (App, HTTP/2 connection, data plane, batcher, onnxruntime) fed 32 ModelInfer calls per
-read on a transport that discards what is written: the Python work alone, far less noisy.
+objects (App, HTTP/2 connection, data plane, batcher, onnxruntime) fed bursts of 32 ModelInfer
+calls, in reads of at most 256 KiB as uvloop's socket reads give them, on a transport that
+discards what is written: the Python work alone, far less noisy (`--model` applies here too).
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ import tritonclient.http as httpclient
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batching import started  # noqa: E402
 from loadgen import perf_analyzer_usable, run_perf_analyzer  # noqa: E402
-from vs_triton import add_one, answered, cpu_seconds, write_pipeserve_repository  # noqa: E402
-
-CONCURRENCY = 32
-SHAPE = "x:16"
+from vs_triton import (  # noqa: E402
+    BUILDERS,
+    MODELS,
+    answered,
+    cpu_seconds,
+    write_pipeserve_repository,
+)
 
 
 def serve(repository: Path, protocol: str) -> tuple[list[str], str]:
@@ -50,25 +55,32 @@ def serve(repository: Path, protocol: str) -> tuple[list[str], str]:
     return cmd, (r"http=\S+:(\d+)" if protocol == "http" else r"grpc=\S+:(\d+)")
 
 
-def count(url: str, protocol: str) -> int:
+def count(url: str, protocol: str, model: str) -> int:
     if protocol == "grpc":
-        return answered(url, "add_one")
+        return answered(url, model)
     client = httpclient.InferenceServerClient(url)
     try:
-        stats = client.get_inference_statistics("add_one")
+        stats = client.get_inference_statistics(model)
         return int(stats["model_stats"][0]["inference_count"])
     finally:
         client.close()
 
 
 def over_sockets(
-    sources: list[Path], protocol: str, rounds: int, window: float, streaming: bool = False
+    sources: list[Path],
+    protocol: str,
+    rounds: int,
+    window: float,
+    streaming: bool = False,
+    model: str = "add_one",
+    concurrency: int = 32,
 ) -> None:
     if not perf_analyzer_usable():
         sys.exit("perf_analyzer does not start here (see bench/loadgen.py)")
+    shape = f"x:{','.join(str(d) for d in MODELS[model][0])}"
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         root = Path(tmp)
-        repo = write_pipeserve_repository(root / "repo", {"add_one": add_one(root / "a.onnx")})
+        repo = write_pipeserve_repository(root / "repo", {model: BUILDERS[model](root / "m.onnx")})
         cmd, pattern = serve(repo, protocol)
         servers = [
             stack.enter_context(
@@ -82,18 +94,18 @@ def over_sockets(
             for i in order if r % 2 == 0 else order[::-1]:
                 port, pid = servers[i]
                 url = f"127.0.0.1:{port}"
-                cpu0, n0 = cpu_seconds(pid), count(url, protocol)
+                cpu0, n0 = cpu_seconds(pid), count(url, protocol, model)
                 load = run_perf_analyzer(
                     url,
-                    "add_one",
-                    CONCURRENCY,
+                    model,
+                    concurrency,
                     window,
-                    SHAPE,
+                    shape,
                     mode="sync",
                     streaming=streaming,
                     protocol=protocol,
                 )
-                cpu1, n1 = cpu_seconds(pid), count(url, protocol)
+                cpu1, n1 = cpu_seconds(pid), count(url, protocol, model)
                 us = (cpu1 - cpu0) / max(n1 - n0, 1) * 1e6
                 seen[i].append((us, load.throughput))
                 print(f"r{r} {sources[i]}: {load.throughput:,.0f} infer/s, {us:.1f} us CPU/request",
@@ -112,56 +124,60 @@ from pathlib import Path
 import hpack, numpy as np
 sys.path.insert(0, sys.argv[2])
 from null_transport import NullTransport
-from vs_triton import add_one, write_pipeserve_repository
+from vs_triton import BUILDERS, MODELS, write_pipeserve_repository
 from pipeserve.api.generated import grpc_service_pb2 as pb
 from pipeserve.api.h2 import frames as f
 from pipeserve.app import App
 from pipeserve.cli.serve import add_serve_parser, settings_from_args
 
-CALLS, BATCH = int(sys.argv[1]), 32
+CALLS, MODEL, BATCH, READ = int(sys.argv[1]), sys.argv[3], 32, 256 << 10
+HEADERS = [(":method", "POST"), (":scheme", "http"),
+           (":path", "/inference.GRPCInferenceService/ModelInfer"),
+           (":authority", "127.0.0.1"), ("te", "trailers"),
+           ("content-type", "application/grpc"), ("user-agent", "grpc-c++/1.57.0")]
 
-def calls(n):
-    msg = pb.ModelInferRequest(model_name="add_one")
-    msg.inputs.add(name="x", datatype="FP32", shape=[1, 16])
-    msg.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+def message():
+    dims = MODELS[MODEL][0]
+    msg = pb.ModelInferRequest(model_name=MODEL)
+    msg.inputs.add(name="x", datatype="FP32", shape=[1, *dims])
+    msg.raw_input_contents.append(np.ones(dims, np.float32).tobytes())
     body = msg.SerializeToString()
-    body = b"\0" + len(body).to_bytes(4, "big") + body
-    encoder = hpack.Encoder()
-    headers = [(":method", "POST"), (":scheme", "http"),
-               (":path", "/inference.GRPCInferenceService/ModelInfer"),
-               (":authority", "127.0.0.1"), ("te", "trailers"),
-               ("content-type", "application/grpc"), ("user-agent", "grpc-c++/1.57.0")]
-    first = (f.PREFACE + f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
-             + f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
-    reads, batch = [first], []
-    for i in range(n):
-        sid = 1 + 2 * i
-        batch.append(f.frame(f.HEADERS, f.END_HEADERS, sid, encoder.encode(headers))
-                     + f.frame(f.DATA, f.END_STREAM, sid, body))
-        if len(batch) == BATCH:
-            reads.append(b"".join(batch)); batch = []
-    return reads
+    return b"\0" + len(body).to_bytes(4, "big") + body
+
+def burst(encoder, body, first_id):
+    # BATCH calls, cut into reads of at most READ bytes (what a socket read gives)
+    data = b"".join(
+        f.frame(f.HEADERS, f.END_HEADERS, sid, encoder.encode(HEADERS))
+        + f.frame(f.DATA, f.END_STREAM, sid, body)
+        for sid in range(first_id, first_id + 2 * BATCH, 2)
+    )
+    return [data[i : i + READ] for i in range(0, len(data), READ)]
 
 async def main():
     root = Path(tempfile.mkdtemp())
-    repo = write_pipeserve_repository(root / "repo", {"add_one": add_one(root / "a.onnx")})
+    repo = write_pipeserve_repository(
+        root / "repo", {MODEL: BUILDERS[MODEL](root / "m.onnx")})
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model-repository", str(repo), "--host", "127.0.0.1",
                               "--grpc-port", "0", "--no-metrics", "--no-http"])
     app = App(settings_from_args(args))
     await app.start()
-    reads = calls(CALLS)
+    body, encoder = message(), hpack.Encoder()
     conn = app.server._connection()
     conn.connection_made(NullTransport())
-    conn.data_received(reads[0])
+    conn.data_received(f.PREFACE + f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
+                       + f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
     await asyncio.sleep(0)
-    start = time.process_time()
-    for data in reads[1:]:
-        conn.data_received(data)
-        while conn.streams:  # every call of this read answered
+    spent = 0.0
+    for first in range(1, 2 * CALLS, 2 * BATCH):
+        reads = burst(encoder, body, first)  # made outside the timed part
+        start = time.process_time()
+        for data in reads:
+            conn.data_received(data)
+        while conn.streams:  # every call of this burst answered
             await asyncio.sleep(0)
-    spent = time.process_time() - start
+        spent += time.process_time() - start
     print(json.dumps({"us_per_call": spent / CALLS * 1e6}), flush=True)
     await app.stop()
 
@@ -170,7 +186,7 @@ uvloop.run(main())
 """
 
 
-def in_process(sources: list[Path], rounds: int, calls: int) -> None:
+def in_process(sources: list[Path], rounds: int, calls: int, model: str = "add_one") -> None:
     bench = str(Path(__file__).resolve().parent)
     seen: dict[int, list[float]] = {i: [] for i in range(len(sources))}
     for r in range(rounds):
@@ -178,7 +194,7 @@ def in_process(sources: list[Path], rounds: int, calls: int) -> None:
         for i in order if r % 2 == 0 else order[::-1]:
             env = dict(os.environ, PYTHONPATH=f"{sources[i]}/server")
             done = subprocess.run(
-                [sys.executable, "-c", CHILD, str(calls), bench],
+                [sys.executable, "-c", CHILD, str(calls), bench, model],
                 capture_output=True, text=True, env=env, timeout=600, check=True,
             )  # fmt: skip
             line = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
@@ -197,6 +213,8 @@ def main() -> None:
     )
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--streaming", action="store_true", help="gRPC ModelStreamInfer")
+    parser.add_argument("--model", choices=sorted(BUILDERS), default="add_one")
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=float, default=3.0, help="seconds per perf window")
     parser.add_argument("--in-process", action="store_true", help="no sockets (see above)")
@@ -205,11 +223,19 @@ def main() -> None:
     sources = [s.resolve() for s in args.src]
     started_at = time.monotonic()
     if args.in_process:
-        in_process(sources, args.rounds, args.calls)
+        in_process(sources, args.rounds, args.calls, args.model)
     else:
         if args.streaming and args.protocol != "grpc":
             parser.error("--streaming is gRPC's (ModelStreamInfer)")
-        over_sockets(sources, args.protocol, args.rounds, args.window, args.streaming)
+        over_sockets(
+            sources,
+            args.protocol,
+            args.rounds,
+            args.window,
+            args.streaming,
+            args.model,
+            args.concurrency,
+        )
     print(f"\n({time.monotonic() - started_at:.0f} s)")
 
 

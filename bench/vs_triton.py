@@ -56,6 +56,7 @@ MODELS = {
     "add_one": ([ADD_ONE_WIDTH], [ADD_ONE_WIDTH]),
     "mlp": ([512], [512]),
     "convnet": ([3, IMAGE, IMAGE], [CONV_CHANNELS]),
+    "pool": ([3, IMAGE, IMAGE], [3]),
 }
 # (label, model, concurrency, streaming)
 ROWS = (
@@ -114,8 +115,23 @@ def convnet(path: Path) -> Path:
     return _save(graph, path)
 
 
+def pool(path: Path) -> Path:
+    """The convnet's input (a 602 KB image per request) averaged per channel: next to no
+    compute, so what a request costs is the front end's cost of a large tensor."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["y"]),
+        ],
+        "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, IMAGE, IMAGE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+    )
+    return _save(graph, path)
+
+
 # name -> the function that writes that model's ONNX file
-BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet}
+BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet, "pool": pool}
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:

@@ -83,27 +83,29 @@ class DirectService:
     """Unary methods served through api.context.DirectUnary (no task per call). DirectEcho:
     answers the request once the loop turns. DirectWait: never answers (its futures are kept,
     so a test sees them cancelled). DirectRefuse: refused at start. DirectFail: refused by its
-    finisher. DirectBoom: raises an unexpected error at start."""
+    finisher. DirectBoom: raises an unexpected error at start. DirectKeep: holds a kept body
+    without copying it."""
 
     def __init__(self) -> None:
         self.waiting: list[asyncio.Future[bytes]] = []
         self.streamed = 0  # messages DirectStream's handler was given
+        self.kept: list[bool] = []  # what DirectKeep was told of each body
 
-    def echo(self, request: bytes | memoryview) -> DirectResult:
+    def echo(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # A copy: the bytes a direct handler is given are only valid during the call.
         asyncio.get_running_loop().call_soon(future.set_result, bytes(request))
         return future, _result
 
-    def wait(self, request: bytes | memoryview) -> DirectResult:
+    def wait(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         return future, _result
 
-    def refuse(self, request: bytes | memoryview) -> DirectResult:
+    def refuse(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "refused: ünïcode 100%")
 
-    def fail(self, request: bytes | memoryview) -> DirectResult:
+    def fail(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         future.set_result(bytes(request))
 
@@ -112,8 +114,16 @@ class DirectService:
 
         return future, finisher
 
-    def boom(self, request: bytes | memoryview) -> DirectResult:
+    def boom(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
         raise RuntimeError("a bug")
+
+    def keep(self, request: bytes | memoryview, kept: bool = False) -> DirectResult:
+        """Records `kept`; a kept body is held as given (no copy), answered 50 ms later."""
+        self.kept.append(kept)
+        held = request if kept else bytes(request)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, lambda: future.set_result(bytes(held)))
+        return future, _result
 
     def methods(self) -> dict[str, DirectUnary]:
         return {
@@ -122,6 +132,7 @@ class DirectService:
             "DirectRefuse": self.refuse,
             "DirectFail": self.fail,
             "DirectBoom": self.boom,
+            "DirectKeep": self.keep,
         }
 
     def stream(self, request: bytes | memoryview) -> bytes | DirectResult:

@@ -62,7 +62,7 @@ class RequestHead:
     model_version: str
     form: RequestForm
 
-    def request(self, raw: Sequence[bytes], request_id: str) -> InferRequest:
+    def request(self, raw: Sequence[bytes | memoryview], request_id: str) -> InferRequest:
         """The request of this head with `raw` (one entry per input, in order: the caller has
         counted them) as its tensors."""
         return self.form.request(self.model_name, self.model_version, request_id, raw)

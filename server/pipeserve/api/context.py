@@ -49,14 +49,15 @@ def unparsable(exc: Exception) -> Refused:
 
 
 # A unary RPC the own transport runs without a task or a coroutine: called with the request
-# message's serialized bytes (valid only during the call: a handler keeps copies), it parses
-# them (raising `unparsable(...)` when they do not parse), validates and queues the work at
-# once, and returns a future with the function that turns that future, once done, into the
-# response message's serialized bytes. So a handler may read and write the wire form itself
-# (api/request_wire.py, api/response_wire.py). Both raise Refused to answer with a status.
-# grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
+# message's serialized bytes and whether they are kept (True: they stay valid and unchanged,
+# the handler may keep views of them; False: valid only during the call, a handler keeps
+# copies), it parses them (raising `unparsable(...)` when they do not parse), validates and
+# queues the work at once, and returns a future with the function that turns that future, once
+# done, into the response message's serialized bytes. So a handler may read and write the wire
+# form itself (api/request_wire.py, api/response_wire.py). Both raise Refused to answer with a
+# status. grpc.aio runs the same RPC's ordinary async handler; both must give the same answers.
 DirectResult = tuple["asyncio.Future[Any]", Callable[["asyncio.Future[Any]"], bytes]]
-DirectUnary = Callable[[bytes | memoryview], DirectResult]
+DirectUnary = Callable[[bytes | memoryview, bool], DirectResult]
 
 # A bidirectional streaming RPC whose every request gets one response message, run by the own
 # transport without a task or a coroutine per message: called with each request message's bytes

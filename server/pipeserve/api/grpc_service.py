@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 STREAM_WINDOW = 256
 
 # What the kept-header reader gives (api/request_wire.py): head, raw contents, request id.
-Read = tuple[RequestHead, list[bytes], str]
+Read = tuple[RequestHead, list[bytes | memoryview], str]
 Started = tuple[ServedVersion, InferRequest, "asyncio.Future[dict[str, np.ndarray]]"]
 
 if TYPE_CHECKING:
@@ -111,11 +111,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         leaves out those it must check first."""
         return {"ModelInfer": self.infer_direct, "ModelStreamInfer": self.stream_direct}
 
-    def infer_direct(self, body: bytes | memoryview) -> DirectResult:
+    def infer_direct(self, body: bytes | memoryview, kept: bool) -> DirectResult:
         """ModelInfer for the own transport, with no task and no coroutine per call (the
         event loop's largest per-request cost after the protocol itself): the same two halves
-        as `_infer`, the same answers as `guarded` gives."""
-        got = self._read(body)
+        as `_infer`, the same answers as `guarded` gives. The tensors are views of `body` when
+        it is `kept` (api.context.DirectUnary), copies otherwise."""
+        got = self._read(body, kept)
         try:
             served, request, outputs = self._start_wire(got)
         except Exception as exc:
@@ -133,10 +134,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return _stream_failure(got, exc).SerializeToString()
         return outputs, functools.partial(self._finish_streamed, got, served, request)
 
-    def _read(self, body: bytes | memoryview) -> Read | pb.ModelInferRequest:
+    def _read(self, body: bytes | memoryview, kept: bool = False) -> Read | pb.ModelInferRequest:
         """A request in the usual form read by the kept-header reader (api/request_wire.py),
         any other parsed in full (raising `unparsable(...)` when it does not parse)."""
-        read = self._reader.read(body)
+        read = self._reader.read(body, kept)
         if read is not None:
             return read
         try:

@@ -40,14 +40,18 @@ class RequestReader:
         """Heads kept."""
         return len(self._heads)
 
-    def read(self, body: bytes | memoryview) -> tuple[RequestHead, list[bytes], str] | None:
-        """(head, raw contents copied out of `body`, request id), or None: parse it in full."""
-        buf = body
+    def read(
+        self, body: bytes | memoryview, kept: bool = False
+    ) -> tuple[RequestHead, list[bytes | memoryview], str] | None:
+        """(head, raw contents, request id), or None: parse it in full. The contents are
+        copied out of `body`, or, when it is `kept` (stays valid and unchanged), views of it:
+        a large tensor costs no copy."""
+        buf = memoryview(body) if kept else body
         n = len(buf)
         i = 0
         header_end = 0  # where the header fields end and the contents begin
         id_at: tuple[int, int, int] | None = None  # key, value and end offsets of the id field
-        raw: list[bytes] = []
+        raw: list[bytes | memoryview] = []
         while i < n:
             key = buf[i]
             if key != _RAW and (raw or key not in _HEADER_KEYS):
@@ -61,7 +65,7 @@ class RequestReader:
             if end > n:
                 return None
             if key == _RAW:
-                raw.append(bytes(buf[start:end]))  # `body` is only valid during this call
+                raw.append(buf[start:end] if kept else bytes(buf[start:end]))
             else:
                 if key == _ID:
                     if id_at is not None:

@@ -105,6 +105,24 @@ def test_the_tensors_outlive_the_buffer_they_were_read_from() -> None:
     assert head.request(raw, request_id).inputs["x"].tolist() == [list(range(16))]
 
 
+@pytest.mark.parametrize("msg", CASES.values(), ids=CASES.keys())
+def test_a_kept_body_gives_the_same_request_from_views_of_it(msg: pb.ModelInferRequest) -> None:
+    """`kept`: the tensors are views of the body (no copy), and the same request."""
+    reader = RequestReader()
+    body = msg.SerializeToString()
+    expected = decode_request(pb.ModelInferRequest.FromString(body))
+    buffer = bytearray(body)
+    read = reader.read(memoryview(buffer).toreadonly(), kept=True)
+    assert read is not None
+    head, raw, request_id = read
+    request = head.request(raw, request_id)
+    assert_same_request(request, expected)
+    for array in request.inputs.values():
+        if array.dtype != object and array.nbytes:
+            assert np.shares_memory(array, np.frombuffer(buffer, np.uint8))
+            assert not array.flags.writeable
+
+
 def test_requests_that_differ_only_in_id_share_one_head() -> None:
     reader = RequestReader()
     reads = [

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from pipeserve.api.context import DirectResult, DirectStream, DirectUnary, Refused, unparsable
+from pipeserve.api.context import DirectStream, DirectUnary, Refused, unparsable
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import Stream
 
@@ -134,6 +134,9 @@ class Call:
         "limits",
         "on_done",
         "buffer",
+        "parts",
+        "received",
+        "declared",
         "task",
         "started",
         "timer",
@@ -167,6 +170,11 @@ class Call:
         self.limits = limits
         self.on_done = on_done
         self.buffer = bytearray()
+        # A unary message in several DATA frames: its parts, the bytes of them, and the size
+        # its prefix declares (0 until known).
+        self.parts: list[bytes | memoryview] = []
+        self.received = 0
+        self.declared = 0
         self.task: asyncio.Task[None] | None = None
         self.started = False  # the task's coroutine began (a task cancelled before never does)
         self.timer: asyncio.TimerHandle | None = None
@@ -262,28 +270,40 @@ class Call:
         self.limits.inflight -= n
 
     def _unary_data(self, payload: memoryview, end: bool) -> None:
-        buffer = self.buffer
-        if end and not buffer:
+        parts = self.parts
+        if end and not parts:
             # The common case: the whole request in one DATA frame, parsed without a copy.
-            self._dispatch(payload)
+            self._dispatch(payload, kept=False)
             return
-        buffer += payload
-        if len(buffer) >= _PREFIX:
-            if not self._size_ok(buffer):
+        # A message in several frames: its parts are kept as given (the connection's views
+        # stay valid, api/h2/connection.py) and joined once, at the end: one copy in all. A
+        # part that is a small slice of a larger read is copied, so that what a call holds
+        # stays within twice what it was sent.
+        if len(payload) * 2 < len(payload.obj):  # type: ignore[arg-type]  # (bytes)
+            parts.append(bytes(payload))
+        else:
+            parts.append(payload)
+        self.received += len(payload)
+        if not self.declared and self.received >= _PREFIX:
+            start = parts[0] if len(parts[0]) >= _PREFIX else b"".join(parts)
+            if not self._size_ok(start):
                 return
-            declared = _PREFIX + int.from_bytes(buffer[1:_PREFIX], "big")
-            if len(buffer) > declared:
-                # Refused, not credited: the client may not push more than its one message.
-                self._fail(grpc.StatusCode.INTERNAL, _one_message(len(buffer), declared))
-                return
+            self.declared = _PREFIX + int.from_bytes(start[1:_PREFIX], "big")
+        if self.declared and self.received > self.declared:
+            # Refused, not credited: the client may not push more than its one message.
+            self._fail(grpc.StatusCode.INTERNAL, _one_message(self.received, self.declared))
+            return
         if end:
-            self._dispatch(memoryview(buffer))
+            # Immutable and the call's own: the handler may keep views of it, not copies.
+            message = b"".join(parts)
+            self.parts = []
+            self._dispatch(memoryview(message), kept=True)
         else:
             self.stream.credit(len(payload))
 
-    def _dispatch(self, data: memoryview) -> None:
-        """Parses the one message of a unary request (now, while `data` is valid) and starts
-        the handler."""
+    def _dispatch(self, data: memoryview, kept: bool) -> None:
+        """Parses the one message of a unary request (now, while `data` is valid, unless
+        `kept`: it stays valid) and starts the handler."""
         if len(data) < _PREFIX:
             self.finish(grpc.StatusCode.INTERNAL, "request ended without a message")
             return
@@ -313,12 +333,12 @@ class Call:
             inflated = self._inflated(inflation)
             if inflated is None:
                 return
-            body = inflated
-        self._deserialize_and_run(body)
+            body, kept = inflated, True
+        self._deserialize_and_run(body, kept)
 
-    def _deserialize_and_run(self, body: bytes | memoryview) -> None:
+    def _deserialize_and_run(self, body: bytes | memoryview, kept: bool) -> None:
         if self.direct is not None:
-            self._start_direct(body)  # it parses the message itself
+            self._start_direct(body, kept)  # it parses the message itself
             return
         try:
             request = self.method.request_deserializer(body)
@@ -331,10 +351,10 @@ class Call:
 
     # ---- direct handlers (no task) ----------------------------------------------------------
 
-    def _start_direct(self, body: bytes | memoryview) -> None:
+    def _start_direct(self, body: bytes | memoryview, kept: bool) -> None:
         direct: DirectUnary = self.direct  # type: ignore[assignment]
         try:
-            future, self.finisher = direct(body)
+            future, self.finisher = direct(body, kept)
         except Refused as exc:
             self.finish(exc.code, exc.details)
             return
@@ -586,8 +606,9 @@ class Call:
 
     def _run_message(self, body: bytes | memoryview) -> None:
         assert self.direct is not None and self.flights is not None
+        handler: DirectStream = self.direct  # type: ignore[assignment]
         try:
-            result: bytes | DirectResult = self.direct(body)  # type: ignore[assignment]
+            result = handler(body)
         except Refused as exc:
             self._close_with(exc.code, exc.details)
             return

@@ -50,6 +50,9 @@ RECV_CONNECTION_WINDOW = 1 << 30
 MAX_RECV_FRAME = 1 << 20
 HEADER_TABLE = 4096
 
+# DATA frames from this size on are passed on in parts as they arrive, not kept until whole
+# (one copy fewer for each large tensor; smaller frames cut by a read cost little to keep).
+_PARTS_FROM = 64 << 10
 _STREAM_CREDIT_AT = RECV_STREAM_WINDOW // 4
 _CONNECTION_CREDIT_AT = RECV_CONNECTION_WINDOW // 4
 _HEADER_CACHE = 64
@@ -84,7 +87,11 @@ _NOT_HTTP2 = (
 
 
 class CallSink(Protocol):
-    def data(self, payload: memoryview, end: bool) -> None: ...
+    def data(self, payload: memoryview, end: bool) -> None:
+        """The stream's next DATA bytes; `end`: the client's END_STREAM came with the last of
+        them. `payload` stays valid and unchanged after the call (the connection never changes
+        bytes it handed out): a call may keep it instead of a copy."""
+        ...
 
     def reset(self) -> None: ...
 
@@ -285,7 +292,12 @@ class Connection(asyncio.Protocol):
         self.closed_streams = rules.ClosedStreams()
         self.going_away = False
         self.closed = False
-        self._buf = bytearray()
+        self._buf = bytearray()  # a frame cut by the end of a read, kept until it is whole
+        # A large DATA frame whose payload is passed on as it arrives (`_next_part`): its
+        # stream (None: the frame is dropped), the bytes still to come, END_STREAM.
+        self._part: Stream | None = None
+        self._part_left = 0
+        self._part_end = False
         self._preface = True
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -338,6 +350,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if type(data) is not bytes:  # (a transport that lends a buffer it reuses: CallSink)
+            data = bytes(data)
         self._last_read = self._loop.time()
         try:
             self._receive(data)
@@ -640,65 +654,97 @@ class Connection(asyncio.Protocol):
     # ---- reading --------------------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
-        buf = self._buf
-        if buf:
-            buf += data
-            src: bytes | bytearray = buf
-        else:
-            src = data
-        pos = 0
+        # Frames are handled where they lie in `data`: only a frame cut by the read's end is
+        # kept (`_buf`), and completed from the next read with just the bytes it lacks. A large
+        # DATA frame is not kept whole: its payload goes to the call in parts, as it arrives
+        # (`_next_part`). So a read's bytes are copied once at most, however frames fall.
         if self._preface:
-            if len(src) < len(f.PREFACE):
-                if not f.PREFACE.startswith(bytes(src)):
-                    self._not_http2()
-                    return
-                if src is data:
-                    self._buf = bytearray(data)
+            rest = self._read_preface(data)
+            if rest is None:
                 return
-            if bytes(src[: len(f.PREFACE)]) != f.PREFACE:
-                self._not_http2()
-                return
-            self._preface = False
-            pos = len(f.PREFACE)
-            # Our SETTINGS go first, once the client proved to speak HTTP/2.
-            self._out.append(_server_settings(self.limits))
-            if self._timer is not None:
-                self._timer.cancel()
-            self._idle_since = self._last_read
-            self._arm(self._last_read)
-        view = memoryview(src)
-        end = len(src)
-        read_header = f.read_header
+            data = rest
+        view = memoryview(data)
+        pos, end = 0, len(data)
         try:
-            while end - pos >= 9:
-                high, low, kind, flags, stream_id = read_header(src, pos)
-                length = (high << 16) | low
-                if length > MAX_RECV_FRAME:
-                    raise ConnectionError_(
-                        f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}"
-                    )
-                if end - pos - 9 < length:
-                    break
-                stream_id &= 0x7FFF_FFFF  # the reserved bit is ignored on receipt (4.1)
-                payload = view[pos + 9 : pos + 9 + length]
-                pos += 9 + length
-                try:
-                    self._frame(kind, flags, stream_id, payload)
-                except rules.StreamError as exc:
-                    self._stream_error(exc)
+            if self._part_left:
+                pos = self._next_part(view)
+            elif self._buf:
+                pos = self._complete(view)
+            if pos < end and not self._part_left and not self._buf:
+                pos = self._frames(data, view, pos)
+                if pos < end and not self._part_left:
+                    self._buf = bytearray(view[pos:])
         finally:
             if self._uncredited >= _CONNECTION_CREDIT_AT:
                 self._out.append(f.window_update(0, self._uncredited))
                 self._recv_window += self._uncredited
                 self._uncredited = 0
-            payload = view = None  # type: ignore[assignment]
-            if src is data:
-                self._buf = bytearray(data[pos:]) if pos < end else bytearray()
+
+    def _read_preface(self, data: bytes) -> bytes | None:
+        """What follows the client's connection preface in `data`, or None while the preface
+        is incomplete (or was not HTTP/2's)."""
+        got = bytes(self._buf) + data if self._buf else data
+        if len(got) < len(f.PREFACE):
+            if not f.PREFACE.startswith(got):
+                self._not_http2()
             else:
-                try:
-                    del buf[:pos]
-                except BufferError:  # a view is still alive somewhere: copy instead
-                    self._buf = bytearray(buf[pos:])
+                self._buf = bytearray(got)
+            return None
+        if got[: len(f.PREFACE)] != f.PREFACE:
+            self._not_http2()
+            return None
+        self._buf = bytearray()
+        self._preface = False
+        # Our SETTINGS go first, once the client proved to speak HTTP/2.
+        self._out.append(_server_settings(self.limits))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._idle_since = self._last_read
+        self._arm(self._last_read)
+        return got[len(f.PREFACE) :]
+
+    def _frames(self, src: bytes | bytearray, view: memoryview, pos: int) -> int:
+        """Handles the whole frames of `src` from `pos` on, and starts a large DATA frame cut
+        by its end in parts; returns where the rest (a cut frame, to be kept) begins."""
+        end = len(src)
+        while end - pos >= 9:
+            kind, flags, stream_id, length = _header(src, pos)
+            if end - pos - 9 < length:
+                if _in_parts(kind, flags, length):
+                    self._start_parts(flags, stream_id, length)
+                    return pos + 9 + self._next_part(view[pos + 9 :])
+                break
+            payload = view[pos + 9 : pos + 9 + length]
+            pos += 9 + length
+            try:
+                self._frame(kind, flags, stream_id, payload)
+            except rules.StreamError as exc:
+                self._stream_error(exc)
+        return pos
+
+    def _complete(self, view: memoryview) -> int:
+        """Takes from `view` (a new read) the bytes the kept frame lacks and handles it once
+        whole, or goes on with it in parts (a large DATA frame); returns the bytes taken."""
+        buf = self._buf
+        pos = 0
+        if len(buf) < 9:
+            pos = min(9 - len(buf), len(view))
+            buf += view[:pos]
+            if len(buf) < 9:
+                return pos
+        kind, flags, stream_id, length = _header(buf, 0)
+        missing = 9 + length - len(buf)
+        if missing > len(view) - pos and _in_parts(kind, flags, length):
+            self._buf = bytearray()
+            self._start_parts(flags, stream_id, length)
+            self._next_part(memoryview(buf)[9:])
+            return pos + self._next_part(view[pos:])
+        take = min(missing, len(view) - pos)
+        buf += view[pos : pos + take]
+        if take == missing:
+            self._buf = bytearray()  # (`buf` is not resized again: views of it may live on)
+            self._frames(buf, memoryview(buf), 0)
+        return pos + take
 
     def _not_http2(self) -> None:
         assert self.transport is not None
@@ -772,26 +818,14 @@ class Connection(asyncio.Protocol):
                 rules.check_dependency(stream_id, rules.dependency(payload))
 
     def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
-        # Every DATA byte counts against the connection window, even on closed streams (6.9).
         n = len(payload)
-        if n > self._recv_window:
-            raise rules.over_window(0, n, self._recv_window)
-        self._recv_window -= n
+        self._count_data(n)
         self._uncredited += n
         if flags & f.PADDED:
             payload = rules.unpad(payload)
-        stream = self.streams.get(stream_id)
+        stream = self._data_stream(stream_id, n)
         if stream is None:
-            if stream_id > self.last_stream_id:
-                raise ConnectionError_(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
-            how = self.closed_streams.get(stream_id)
-            rules.frame_on_closed(f.DATA, stream_id, how, self.last_stream_id)
             return  # a stream we reset: the client sent these before it knew
-        if stream.remote_closed:
-            raise rules.half_closed(f.DATA, stream_id)
-        if n > stream.recv_window:
-            raise rules.over_window(stream_id, n, stream.recv_window)
-        stream.recv_window -= n
         if n != len(payload):
             stream.credit(n - len(payload))  # padding is flow-controlled but never consumed
         end = bool(flags & f.END_STREAM)
@@ -799,6 +833,65 @@ class Connection(asyncio.Protocol):
             stream.remote_closed = True
         assert stream.call is not None
         stream.call.data(payload, end)
+
+    def _count_data(self, n: int) -> None:
+        # Every DATA byte counts against the connection window, even on closed streams (6.9).
+        if n > self._recv_window:
+            raise rules.over_window(0, n, self._recv_window)
+        self._recv_window -= n
+
+    def _data_stream(self, stream_id: int, n: int) -> Stream | None:
+        """The open stream an `n`-byte DATA frame is for, its window counted; None when the
+        stream was closed (the frame is dropped)."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if stream_id > self.last_stream_id:
+                raise ConnectionError_(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            how = self.closed_streams.get(stream_id)
+            rules.frame_on_closed(f.DATA, stream_id, how, self.last_stream_id)
+            return None
+        if stream.remote_closed:
+            raise rules.half_closed(f.DATA, stream_id)
+        if n > stream.recv_window:
+            raise rules.over_window(stream_id, n, stream.recv_window)
+        stream.recv_window -= n
+        return stream
+
+    def _start_parts(self, flags: int, stream_id: int, length: int) -> None:
+        """A large DATA frame whose payload is still arriving: checked and counted whole now,
+        as `_frame` and `_data` would; `_next_part` passes its payload on."""
+        if self._continuation is not None:
+            raise ConnectionError_(f.PROTOCOL_ERROR, "DATA where CONTINUATION was expected")
+        if stream_id == 0:
+            rules.check_frame(f.DATA, flags, stream_id, length)
+        self._count_data(length)
+        self._part, self._part_left, self._part_end = None, length, bool(flags & f.END_STREAM)
+        try:
+            self._part = self._data_stream(stream_id, length)
+        except rules.StreamError as exc:
+            self._stream_error(exc)  # the rest of the frame is dropped as it comes
+
+    def _next_part(self, view: memoryview) -> int:
+        """Passes the start of `view`, up to what the frame in parts still has to come, to its
+        call; returns the bytes taken. END_STREAM takes effect with the frame's last byte."""
+        n = min(self._part_left, len(view))
+        self._part_left -= n
+        self._uncredited += n
+        stream = self._part
+        if stream is not None:
+            last = not self._part_left
+            end = last and self._part_end
+            if last:
+                self._part = None
+                if end:
+                    stream.remote_closed = True
+            if not stream.done and (n or end):
+                assert stream.call is not None
+                try:
+                    stream.call.data(view[:n], end)
+                except rules.StreamError as exc:
+                    self._stream_error(exc)
+        return n
 
     def _headers(self, flags: int, stream_id: int, payload: memoryview) -> None:
         if flags & f.PADDED:
@@ -971,6 +1064,23 @@ class Connection(asyncio.Protocol):
         self.control(f.frame(f.SETTINGS, f.ACK, 0))
         if raised and self.stalled:
             self._unstall()
+
+
+def _header(src: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
+    """(type, flags, stream id, payload length) of the frame header at `pos`; a length over
+    what we advertised is refused before any of the payload is kept."""
+    high, low, kind, flags, stream_id = f.read_header(src, pos)
+    length = (high << 16) | low
+    if length > MAX_RECV_FRAME:
+        raise ConnectionError_(f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}")
+    # The reserved bit is ignored on receipt (RFC 9113 4.1).
+    return kind, flags, stream_id & 0x7FFF_FFFF, length
+
+
+def _in_parts(kind: int, flags: int, length: int) -> bool:
+    """Whether a frame cut by a read's end goes on in parts: large DATA frames without padding
+    (whose pad length tells only at the frame's end where its data stops)."""
+    return kind == f.DATA and length >= _PARTS_FROM and not flags & f.PADDED
 
 
 def _check_table_updates(block: bytes) -> None:

@@ -112,3 +112,30 @@ def test_direct_answer_over_the_send_limit_is_resource_exhausted() -> None:
         await settled(server)
 
     run(body, max_send=999)
+
+
+def test_a_request_the_call_assembled_is_kept_by_the_handler_without_a_copy() -> None:
+    """A message that came in several DATA frames is whole only in the call's own buffer, which
+    is handed over (`kept`): the handler holds a view of it and answers later, unchanged, while
+    more calls come and go on the connection. One whole in one frame is lent for the call."""
+
+    async def body(server: H2Server, service: EchoService, port: int) -> None:
+        client = await RawClient.connect(port, {f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
+        client.writer.write(f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW))
+        big = bytes(range(256)) * 1200  # 300 KB, in three frames
+        framed = message(big)
+        client.send(f.HEADERS, f.END_HEADERS, 1, client.request_headers("DirectKeep"))
+        for at in range(0, len(framed), 100_000):
+            end = at + 100_000 >= len(framed)
+            client.send(f.DATA, f.END_STREAM if end else 0, 1, framed[at : at + 100_000])
+        client.call(3, "DirectKeep", message(b"small"))
+        for i in range(5, 25, 2):  # other calls' bytes arrive while the first is held
+            client.call(i, "DirectEcho", message(bytes([i]) * 70_000))
+        answers = {sid: await client.response(sid) for sid in (1, 3)}
+        assert answers[1].status == 0 and answers[1].messages() == [big]
+        assert answers[3].status == 0 and answers[3].messages() == [b"small"]
+        assert service.direct.kept == [True, False]
+        await client.close()
+        await settled(server)
+
+    run(body)
