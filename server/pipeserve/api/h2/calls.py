@@ -172,7 +172,7 @@ class Call:
         self.buffer = bytearray()
         # A unary message in several DATA frames: its parts, the bytes of them, and the size
         # its prefix declares (0 until known).
-        self.parts: list[bytes | memoryview] = []
+        self.parts: list[bytes | memoryview] | None = None
         self.received = 0
         self.declared = 0
         self.task: asyncio.Task[None] | None = None
@@ -271,10 +271,12 @@ class Call:
 
     def _unary_data(self, payload: memoryview, end: bool) -> None:
         parts = self.parts
-        if end and not parts:
-            # The common case: the whole request in one DATA frame, parsed without a copy.
-            self._dispatch(payload, kept=False)
-            return
+        if parts is None:
+            if end:
+                # The common case: the whole request in one DATA frame, parsed without a copy.
+                self._dispatch(payload, kept=False)
+                return
+            parts = self.parts = []
         # A message in several frames: its parts are kept as given (the connection's views
         # stay valid, api/h2/connection.py) and joined once, at the end: one copy in all. A
         # part that is a small slice of a larger read is copied, so that what a call holds
@@ -296,7 +298,7 @@ class Call:
         if end:
             # Immutable and the call's own: the handler may keep views of it, not copies.
             message = b"".join(parts)
-            self.parts = []
+            parts.clear()
             self._dispatch(memoryview(message), kept=True)
         else:
             self.stream.credit(len(payload))

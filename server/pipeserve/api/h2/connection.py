@@ -707,8 +707,14 @@ class Connection(asyncio.Protocol):
         """Handles the whole frames of `src` from `pos` on, and starts a large DATA frame cut
         by its end in parts; returns where the rest (a cut frame, to be kept) begins."""
         end = len(src)
+        read_header = f.read_header
         while end - pos >= 9:
-            kind, flags, stream_id, length = _header(src, pos)
+            # (_header, inlined: this runs for every frame)
+            high, low, kind, flags, stream_id = read_header(src, pos)
+            length = (high << 16) | low
+            if length > MAX_RECV_FRAME:
+                raise _too_large(length)
+            stream_id &= 0x7FFF_FFFF  # the reserved bit is ignored on receipt (RFC 9113 4.1)
             if end - pos - 9 < length:
                 if _in_parts(kind, flags, length):
                     self._start_parts(flags, stream_id, length)
@@ -818,14 +824,19 @@ class Connection(asyncio.Protocol):
                 rules.check_dependency(stream_id, rules.dependency(payload))
 
     def _data(self, flags: int, stream_id: int, payload: memoryview) -> None:
+        # Every DATA byte counts against the connection window, even on closed streams (6.9).
         n = len(payload)
-        self._count_data(n)
+        if n > self._recv_window:
+            raise rules.over_window(0, n, self._recv_window)
+        self._recv_window -= n
         self._uncredited += n
         if flags & f.PADDED:
             payload = rules.unpad(payload)
-        stream = self._data_stream(stream_id, n)
-        if stream is None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed or n > stream.recv_window:
+            self._refuse_data(stream_id, n)
             return  # a stream we reset: the client sent these before it knew
+        stream.recv_window -= n
         if n != len(payload):
             stream.credit(n - len(payload))  # padding is flow-controlled but never consumed
         end = bool(flags & f.END_STREAM)
@@ -834,28 +845,19 @@ class Connection(asyncio.Protocol):
         assert stream.call is not None
         stream.call.data(payload, end)
 
-    def _count_data(self, n: int) -> None:
-        # Every DATA byte counts against the connection window, even on closed streams (6.9).
-        if n > self._recv_window:
-            raise rules.over_window(0, n, self._recv_window)
-        self._recv_window -= n
-
-    def _data_stream(self, stream_id: int, n: int) -> Stream | None:
-        """The open stream an `n`-byte DATA frame is for, its window counted; None when the
-        stream was closed (the frame is dropped)."""
+    def _refuse_data(self, stream_id: int, n: int) -> None:
+        """An `n`-byte DATA frame its stream cannot take: raises what RFC 9113 says of it, or
+        returns when it is to be dropped (a stream we reset)."""
         stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self.last_stream_id:
                 raise ConnectionError_(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             how = self.closed_streams.get(stream_id)
             rules.frame_on_closed(f.DATA, stream_id, how, self.last_stream_id)
-            return None
+            return
         if stream.remote_closed:
             raise rules.half_closed(f.DATA, stream_id)
-        if n > stream.recv_window:
-            raise rules.over_window(stream_id, n, stream.recv_window)
-        stream.recv_window -= n
-        return stream
+        raise rules.over_window(stream_id, n, stream.recv_window)
 
     def _start_parts(self, flags: int, stream_id: int, length: int) -> None:
         """A large DATA frame whose payload is still arriving: checked and counted whole now,
@@ -864,12 +866,19 @@ class Connection(asyncio.Protocol):
             raise ConnectionError_(f.PROTOCOL_ERROR, "DATA where CONTINUATION was expected")
         if stream_id == 0:
             rules.check_frame(f.DATA, flags, stream_id, length)
-        self._count_data(length)
+        if length > self._recv_window:
+            raise rules.over_window(0, length, self._recv_window)
+        self._recv_window -= length
         self._part, self._part_left, self._part_end = None, length, bool(flags & f.END_STREAM)
-        try:
-            self._part = self._data_stream(stream_id, length)
-        except rules.StreamError as exc:
-            self._stream_error(exc)  # the rest of the frame is dropped as it comes
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed or length > stream.recv_window:
+            try:  # the rest of the frame is dropped as it comes
+                self._refuse_data(stream_id, length)
+            except rules.StreamError as exc:
+                self._stream_error(exc)
+            return
+        stream.recv_window -= length
+        self._part = stream
 
     def _next_part(self, view: memoryview) -> int:
         """Passes the start of `view`, up to what the frame in parts still has to come, to its
@@ -1072,9 +1081,13 @@ def _header(src: bytes | bytearray, pos: int) -> tuple[int, int, int, int]:
     high, low, kind, flags, stream_id = f.read_header(src, pos)
     length = (high << 16) | low
     if length > MAX_RECV_FRAME:
-        raise ConnectionError_(f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}")
+        raise _too_large(length)
     # The reserved bit is ignored on receipt (RFC 9113 4.1).
     return kind, flags, stream_id & 0x7FFF_FFFF, length
+
+
+def _too_large(length: int) -> ConnectionError_:
+    return ConnectionError_(f.FRAME_SIZE_ERROR, f"frame of {length} bytes over {MAX_RECV_FRAME}")
 
 
 def _in_parts(kind: int, flags: int, length: int) -> bool:

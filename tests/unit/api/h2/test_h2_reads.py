@@ -20,6 +20,8 @@ import pytest
 from pipeserve.api.h2 import connection
 from pipeserve.api.h2 import frames as f
 from pipeserve.api.h2.connection import MAX_RECV_FRAME, RECV_STREAM_WINDOW, Connection, Stream
+from pipeserve.api.h2.server import H2Server
+from tests.unit.h2_driver import EchoService, run
 
 HEADERS = [
     (":method", "POST"),
@@ -318,3 +320,53 @@ def test_a_frame_in_parts_counts_against_the_connection_window(
     assert goaways and struct.unpack(">I", goaways[0][4:8])[0] == f.FLOW_CONTROL_ERROR
     assert bytes(endpoint.sinks[1].got) == client.sent[1]
     assert not endpoint.sinks[3].got
+
+
+def test_end_stream_of_a_frame_in_parts_closes_the_clients_side() -> None:
+    """The stream is half-closed once the frame's last byte came: DATA after it is refused."""
+    client = Client()
+    client.call(1, 100_000)
+    client.data(1, b"more", end=True)
+    client.call(3, 10)
+    data = bytes(client.wire)
+    endpoint, wire = serve([data[i : i + 30_000] for i in range(0, len(data), 30_000)])
+    resets = [(sid, p) for kind, _, sid, p in wire.frames() if kind == f.RST_STREAM]
+    assert resets == [(1, struct.pack(">I", f.STREAM_CLOSED))]
+    assert len(endpoint.sinks[1].got) == 100_000 and endpoint.sinks[1].ended
+    assert endpoint.sinks[3].ended
+
+
+def test_a_call_keeps_whole_reads_as_views_and_copies_small_slices_of_them() -> None:
+    """A unary message in parts: a part that is most of its read is kept as a view, one that is
+    a small slice of a large read (here beside 200 KB the server ignores) is copied, so the
+    call never holds that read. The message is answered whole either way."""
+
+    async def body(server: H2Server, service: EchoService, port: int) -> None:
+        conn = server._connection()
+        wire = Wire()
+        conn.connection_made(wire)  # type: ignore[arg-type]
+        client = Client()
+        client.wire[len(f.PREFACE) :] = f.settings({f.INITIAL_WINDOW_SIZE: f.MAX_WINDOW})
+        client.wire += f.window_update(0, f.MAX_WINDOW - f.DEFAULT_WINDOW)
+        headers = [(k, "/test.Echo/DirectKeep" if k == ":path" else v) for k, v in HEADERS]
+        client.wire += f.frame(f.HEADERS, f.END_HEADERS, 1, client.encoder.encode(headers))
+        client.wire += f.frame(0xFA, 0, 0, bytes(200_000))  # an unknown frame type: ignored
+        grpc_message = b"\0" + (100_000).to_bytes(4, "big") + _pattern(100_000, 1)
+        client.data(1, grpc_message, end=True)
+        data = bytes(client.wire)
+        first = len(data) - len(grpc_message) + 1_000  # the DATA frame's first 1,000 bytes
+        conn.data_received(data[:first])
+        (call,) = server._calls
+        assert call.parts is not None
+        assert [type(p) for p in call.parts] == [bytes]  # copied: 1 KB of a 200 KB read
+        conn.data_received(data[first:])  # the rest, one read: taken as it is (a view)
+        assert service.direct.kept == [True]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if any(kind == f.HEADERS and sid == 1 and flags & f.END_STREAM
+                   for kind, flags, sid, _ in wire.frames()):  # fmt: skip
+                break
+        answer = b"".join(p for kind, _, sid, p in wire.frames() if kind == f.DATA and sid == 1)
+        assert answer == grpc_message
+
+    run(body)
