@@ -8,7 +8,8 @@ concurrency 32 and divides the server process's CPU time over that run by the re
 statistics counted. Medians over rounds. `--protocol http` drives the REST endpoint instead
 (perf_analyzer `-i http`, binary tensors); `--streaming`, gRPC's ModelStreamInfer (one stream
 per perf_analyzer context). `--model pool --concurrency 8` sends a 602 KB image per request to
-a model that only averages it (vs_triton.py's `pool`): the cost of a large tensor.
+a model that only averages it (vs_triton.py's `pool`): the cost of a large tensor; `--model
+image`, the same image answered back (Identity): a large tensor each way.
 
     .venv/bin/python bench/request_cost.py --rounds 3 --src /work/wt/base --src .
 

@@ -57,6 +57,7 @@ MODELS = {
     "mlp": ([512], [512]),
     "convnet": ([3, IMAGE, IMAGE], [CONV_CHANNELS]),
     "pool": ([3, IMAGE, IMAGE], [3]),
+    "image": ([3, IMAGE, IMAGE], [3, IMAGE, IMAGE]),
 }
 # (label, model, concurrency, streaming)
 ROWS = (
@@ -130,8 +131,19 @@ def pool(path: Path) -> Path:
     return _save(graph, path)
 
 
+def image(path: Path) -> Path:
+    """The convnet's input answered as it came (Identity): a 602 KB tensor each way."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "image",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, IMAGE, IMAGE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, IMAGE, IMAGE])],
+    )
+    return _save(graph, path)
+
+
 # name -> the function that writes that model's ONNX file
-BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet, "pool": pool}
+BUILDERS = {"add_one": add_one, "mlp": mlp, "convnet": convnet, "pool": pool, "image": image}
 
 
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
