@@ -350,7 +350,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if type(data) is not bytes:  # (a transport that lends a buffer it reuses: CallSink)
+        if type(data) is not bytes:
+            # Calls may keep the views they are given (CallSink): only immutable bytes will do.
             data = bytes(data)
         self._last_read = self._loop.time()
         try:
