@@ -25,6 +25,8 @@ from pipeserve.api.h2.connection import Stream
 log = logging.getLogger(__name__)
 
 _PREFIX = 5
+# Parts of a unary message this large (and most of their read) are kept as views, not copied.
+_VIEW_PART = 16 << 10
 _OK_TRAILERS = f.TRAILERS_OK
 
 # Why a handler task was cancelled, so its status can say so.
@@ -172,7 +174,7 @@ class Call:
         self.buffer = bytearray()
         # A unary message in several DATA frames: its parts, the bytes of them, and the size
         # its prefix declares (0 until known).
-        self.parts: list[bytes | memoryview] | None = None
+        self.parts: list[bytearray | memoryview] | None = None
         self.received = 0
         self.declared = 0
         self.task: asyncio.Task[None] | None = None
@@ -277,14 +279,17 @@ class Call:
                 self._dispatch(payload, kept=False)
                 return
             parts = self.parts = []
-        # A message in several frames: its parts are kept as given (the connection's views
-        # stay valid, api/h2/connection.py) and joined once, at the end: one copy in all. A
-        # part that is a small slice of a larger read is copied, so that what a call holds
-        # stays within twice what it was sent.
-        if len(payload) * 2 < len(payload.obj):  # type: ignore[arg-type]  # (bytes)
-            parts.append(bytes(payload))
-        else:
+        # A message in several frames: its large parts are kept as given (the connection's
+        # views stay valid, api/h2/connection.py) and joined once, at the end: one copy in all.
+        # A part that is small, or a small slice of a larger read, is copied onto the bytes
+        # before it instead: what a call holds stays within twice what it was sent, and a
+        # client that sends a byte at a time gets one buffer, not an object per byte.
+        if len(payload) >= _VIEW_PART and len(payload) * 2 >= len(payload.obj):  # type: ignore[arg-type]
             parts.append(payload)
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += payload  # type: ignore[operator]
+        else:
+            parts.append(bytearray(payload))
         self.received += len(payload)
         if not self.declared and self.received >= _PREFIX:
             start = parts[0] if len(parts[0]) >= _PREFIX else b"".join(parts)

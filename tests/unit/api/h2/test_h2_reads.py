@@ -358,7 +358,7 @@ def test_a_call_keeps_whole_reads_as_views_and_copies_small_slices_of_them() -> 
         conn.data_received(data[:first])
         (call,) = server._calls
         assert call.parts is not None
-        assert [type(p) for p in call.parts] == [bytes]  # copied: 1 KB of a 200 KB read
+        assert [type(p) for p in call.parts] == [bytearray]  # copied: 1 KB of a 200 KB read
         conn.data_received(data[first:])  # the rest, one read: taken as it is (a view)
         assert service.direct.kept == [True]
         for _ in range(100):
@@ -368,5 +368,32 @@ def test_a_call_keeps_whole_reads_as_views_and_copies_small_slices_of_them() -> 
                 break
         answer = b"".join(p for kind, _, sid, p in wire.frames() if kind == f.DATA and sid == 1)
         assert answer == grpc_message
+
+    run(body)
+
+
+def test_a_message_sent_a_byte_at_a_time_is_held_in_one_buffer() -> None:
+    """A client that trickles a large frame one byte per read costs the call one growing
+    buffer, not an object per byte; the message still arrives whole."""
+
+    async def body(server: H2Server, service: EchoService, port: int) -> None:
+        conn = server._connection()
+        wire = Wire()
+        conn.connection_made(wire)  # type: ignore[arg-type]
+        client = Client()
+        headers = [(k, "/test.Echo/DirectKeep" if k == ":path" else v) for k, v in HEADERS]
+        client.wire += f.frame(f.HEADERS, f.END_HEADERS, 1, client.encoder.encode(headers))
+        grpc_message = b"\0" + (70_000).to_bytes(4, "big") + _pattern(70_000, 2)
+        client.data(1, grpc_message, end=True)
+        data = bytes(client.wire)
+        start = len(data) - len(grpc_message)
+        conn.data_received(data[:start])
+        for i in range(start, len(data) - 1):
+            conn.data_received(data[i : i + 1])
+        (call,) = server._calls
+        assert call.parts is not None and len(call.parts) == 1
+        assert len(call.parts[0]) == len(grpc_message) - 1
+        conn.data_received(data[-1:])
+        assert service.direct.kept == [True]
 
     run(body)
