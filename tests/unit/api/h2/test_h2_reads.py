@@ -178,8 +178,8 @@ def _mixed() -> Client:
 
 
 def _check(client: Client, endpoint: Recorder, wire: Wire) -> None:
-    assert {sid: bytes(s.got) for sid, s in endpoint.sinks.items()} == client.sent
-    assert all(s.ended and not s.resets for s in endpoint.sinks.values())
+    _check_calls(client, endpoint)
+    assert not any(s.resets for s in endpoint.sinks.values())
     kinds = [(kind, flags, payload) for kind, flags, _, payload in wire.frames()]
     assert (f.PING, f.ACK, b"12345678") in kinds
     assert not [k for k in kinds if k[0] in (f.GOAWAY, f.RST_STREAM)], kinds
