@@ -30,6 +30,9 @@ class TensorSpec:
     allow_ragged_batch: bool = False
     # Outputs: the classification labels from the config's label_filename (index i = line i).
     labels: tuple[str, ...] = ()
+    # The shape the model itself takes or produces (less the batch dimension) where it is not
+    # `dims`: the config's `reshape`, or () for a scalar in the model (runtime/reshape.py).
+    model_dims: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

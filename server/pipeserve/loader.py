@@ -37,12 +37,13 @@ from pipeserve.repository.config import (
     string_parameters,
     validate_config,
 )
-from pipeserve.repository.graph import model_file, read_graph_io
+from pipeserve.repository.graph import GraphIO, model_file, read_graph_io
 from pipeserve.repository.scan import version_folders
 from pipeserve.repository.sections import check_sections
 from pipeserve.runtime.instances import InstancePlan, create_instances, plan_instances
 from pipeserve.runtime.pipeline.config import PipelineConfig, parse_pipeline_config
 from pipeserve.runtime.pipeline.executor import StageCallback, pipeline_runner
+from pipeserve.runtime.reshape import with_reshapes
 from pipeserve.runtime.sessions import Accelerator, OrtSettings, ort_settings
 from pipeserve.runtime.warmup import run_warmup, warmup_samples
 
@@ -73,11 +74,14 @@ class ModelSettings:
 
 
 def read_model_settings(
-    config: ModelConfig, labels: Mapping[str, tuple[str, ...]] | None = None
+    config: ModelConfig,
+    labels: Mapping[str, tuple[str, ...]] | None = None,
+    graph: GraphIO | None = None,
 ) -> ModelSettings:
     """Validate a completed config's sections and parameters into ModelSettings. Raises
     ConfigError before any session exists; WARNS about unknown parameter keys. `labels`: each
-    output's classification labels (read from its label_filename)."""
+    output's classification labels (read from its label_filename); `graph`: the newest
+    version's (model_spec)."""
     name = config.name
     parameters = string_parameters(config)
     table.validate(parameters)
@@ -94,7 +98,7 @@ def read_model_settings(
         [Accelerator(kind, n, p) for kind, n, p in accelerators(config)],  # type: ignore[arg-type]
         what=f"model '{name}'",
     )
-    spec = model_spec(config, 0, labels)
+    spec = model_spec(config, 0, labels, graph)
     return ModelSettings(
         name=name,
         spec=spec,
@@ -166,7 +170,7 @@ def load_model_folder(
         for o in config.output
         if o.label_filename
     }
-    settings = read_model_settings(config, labels)  # a bad section fails before any session
+    settings = read_model_settings(config, labels, graph)  # a bad section fails before any session
     # Built (and checked against the model) once: every version has the same config.
     samples = warmup_samples(config, settings.spec_for(newest), folder)
     loaded: dict[int, LoadedVersion] = {}
@@ -196,6 +200,7 @@ def load_model_folder(
                 runner, stage_devices = pipeline, tuple(pipeline.devices)
             else:
                 runner = create_instances(model_file(path), settings.instances, name, progress)
+            runner = with_reshapes(runner, spec)
             try:
                 run_warmup(runner, samples, spec.output_names(), name)  # before READY
             except BaseException:

@@ -52,10 +52,10 @@ REFUSED = {
         "response_cache { enable: true }",
         "config section 'response_cache' is not supported",
     ),
-    "reshaped": (
+    "shape_tensor": (
         'max_batch_size: 4\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] '
-        "reshape { shape: [ 2, 2 ] } } ]",
-        "config section 'input.reshape' (input 'x') is not supported",
+        "is_shape_tensor: true } ]",
+        "config section 'input.is_shape_tensor' (input 'x') is not supported",
     ),
 }
 

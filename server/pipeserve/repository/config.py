@@ -155,15 +155,28 @@ def _complete_tensors(listed, graph_tensors: tuple[GraphTensor, ...], batch: boo
             continue  # reported by validate_config with the list of real names
         if tensor.data_type == mc.TYPE_INVALID:
             tensor.data_type = mc.DataType.Value(config_type_name(g.datatype))
-        if not tensor.dims:
-            tensor.dims.extend(g.shape[1:] if batch else g.shape)
+        if not tensor.dims and not tensor.HasField("reshape"):
+            _fill_dims(tensor, g, batch)
     for g in graph_tensors:
         if g.name in have:
             continue
         tensor = listed.add()
         tensor.name = g.name
         tensor.data_type = mc.DataType.Value(config_type_name(g.datatype))
-        tensor.dims.extend(g.shape[1:] if batch else g.shape)
+        _fill_dims(tensor, g, batch)
+
+
+def _fill_dims(tensor, g: GraphTensor, batch: bool) -> None:  # type: ignore[no-untyped-def]
+    """The graph's dims (less the batch dimension). A tensor with none left (a scalar, or a
+    batched tensor that is only its batch dimension) gets dims [1], as Triton's ONNX backend
+    completes it; batched, with an empty `reshape`, so the model still gets its own rank."""
+    dims = g.shape[1:] if batch else g.shape
+    if dims:
+        tensor.dims.extend(dims)
+        return
+    tensor.dims.append(1)
+    if batch:
+        tensor.reshape.SetInParent()
 
 
 def validate_config(config: ModelConfig, graph: GraphIO) -> None:
@@ -186,10 +199,6 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
                     f"model '{name}': unexpected {kind} '{tensor.name}' in config, the ONNX model "
                     f"has {kind}s {sorted(by_name)}"
                 )
-            if tensor.HasField("reshape"):
-                raise ConfigError(
-                    f"model '{name}': {kind} '{tensor.name}': reshape is not supported"
-                )
             datatype = triton_from_config_type(mc.DataType.Name(tensor.data_type))
             if datatype != g.datatype:
                 raise ConfigError(
@@ -197,6 +206,13 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
                     f"{mc.DataType.Name(tensor.data_type)} in config but the ONNX model declares "
                     f"{config_type_name(g.datatype)}"
                 )
+            what = f"model '{name}': {kind} '{tensor.name}'"
+            dims = tuple(tensor.dims)
+            _check_dims(what, "dims", dims)
+            reshaped = tensor.HasField("reshape")
+            model_dims = tuple(tensor.reshape.shape) if reshaped else dims
+            if reshaped:
+                _check_reshape(what, dims, model_dims, batch)
             graph_dims = g.shape
             if batch:
                 if not graph_dims or graph_dims[0] != -1:
@@ -206,12 +222,21 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
                         f"needs a variable first dimension (set max_batch_size: 0)"
                     )
                 graph_dims = graph_dims[1:]
-            dims = tuple(tensor.dims)
-            if len(dims) != len(graph_dims) or any(
-                gd != -1 and d != gd for d, gd in zip(dims, graph_dims, strict=True)
+            elif not graph_dims and not reshaped:
+                # A scalar in the model (or a tensor of unknown rank): Triton's ONNX backend
+                # takes any dims of one element for it, and runs the model on a scalar.
+                if any(d != 1 for d in dims):
+                    raise ConfigError(
+                        f"{what} is a scalar in the ONNX model: its dims in config must all be "
+                        f"1 (one element), got {list(dims)}"
+                    )
+                continue
+            if len(model_dims) != len(graph_dims) or any(
+                gd != -1 and d != gd for d, gd in zip(model_dims, graph_dims, strict=True)
             ):
+                field = "reshape" if reshaped else "dims"
                 raise ConfigError(
-                    f"model '{name}': {kind} '{tensor.name}' has dims {list(dims)} in config but "
+                    f"{what} has {field} {list(model_dims)} in config but "
                     f"the ONNX model declares {list(graph_dims)}"
                     + (" (without the batch dimension)" if batch else "")
                 )
@@ -219,20 +244,93 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
         raise ConfigError(f"model '{name}': dynamic_batching needs max_batch_size > 0 (it is 0)")
 
 
+def _check_dims(what: str, field: str, dims: tuple[int, ...]) -> None:
+    if any(d < 1 and d != -1 for d in dims):
+        raise ConfigError(
+            f"{what}: {field} {list(dims)}: every dimension must be an integer >= 1, or -1 for "
+            f"a variable-size dimension"
+        )
+
+
+def _check_reshape(what: str, dims: tuple[int, ...], shape: tuple[int, ...], batch: bool) -> None:
+    """Triton's rules for `reshape { shape }` (the model's shape; `dims` is the API's)."""
+    if not shape:
+        if not batch:
+            raise ConfigError(
+                f"{what}: an empty reshape needs max_batch_size > 0 (without batching the "
+                f"tensor would hold no data): remove the reshape, dims of 1s already feed a "
+                f"scalar model tensor"
+            )
+        if -1 in dims or _count(dims) != 1:
+            raise ConfigError(
+                f"{what}: an empty reshape (the model takes one element per batch item) needs "
+                f"dims of one element, got dims {list(dims)}"
+            )
+        return
+    _check_dims(what, "reshape", shape)
+    have, want = _trunks(dims), _trunks(shape)
+    if len(have) != len(want):
+        raise ConfigError(
+            f"{what}: dims {list(dims)} and reshape {list(shape)} have different numbers of "
+            f"variable-size (-1) dimensions"
+        )
+    if have != want:
+        raise ConfigError(
+            f"{what}: dims {list(dims)} and reshape {list(shape)} hold different numbers of "
+            f"elements (the fixed dimensions between -1s must multiply to the same counts)"
+        )
+
+
+def _count(dims: tuple[int, ...]) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _trunks(dims: tuple[int, ...]) -> list[int]:
+    """Element counts of the runs of fixed dimensions between the -1s: [2, 4, -1, 6] -> [8, 6]."""
+    counts, run = [], 1
+    for d in dims:
+        if d == -1:
+            counts.append(run)
+            run = 1
+        else:
+            run *= d
+    counts.append(run)
+    return counts
+
+
 def model_spec(
-    config: ModelConfig, version: int, labels: Mapping[str, tuple[str, ...]] | None = None
+    config: ModelConfig,
+    version: int,
+    labels: Mapping[str, tuple[str, ...]] | None = None,
+    graph: GraphIO | None = None,
 ) -> ModelSpec:
-    """`labels`: each output's classification labels (read from its label_filename)."""
+    """`labels`: each output's classification labels (read from its label_filename). `graph`:
+    the validated graph, which says which tensors are scalars in the model."""
     labels = labels or {}
+    scalars = (
+        {t.name for t in graph.inputs + graph.outputs if not t.shape}
+        if graph is not None and config.max_batch_size == 0
+        else set()
+    )
 
     def tensor(t, optional: bool = False, ragged: bool = False) -> TensorSpec:  # type: ignore[no-untyped-def]
+        dims = tuple(t.dims)
+        model_dims: tuple[int, ...] | None = None
+        if t.HasField("reshape"):
+            model_dims = tuple(t.reshape.shape)
+        elif t.name in scalars and dims:
+            model_dims = ()
         return TensorSpec(
             name=t.name,
             datatype=triton_from_config_type(mc.DataType.Name(t.data_type)),
-            dims=tuple(t.dims),
+            dims=dims,
             optional=optional,
             allow_ragged_batch=ragged,
             labels=labels.get(t.name, ()),
+            model_dims=None if model_dims == dims else model_dims,
         )
 
     return ModelSpec(

@@ -44,6 +44,7 @@ HONOURED: _Table = {
         # Informational in Triton too (image clients read it from the config): returned as given.
         "format": None,
         "dims": None,
+        "reshape": None,  # runtime/reshape.py
         "allow_ragged_batch": None,
         "optional": None,
     },
@@ -51,6 +52,7 @@ HONOURED: _Table = {
         "name": None,
         "data_type": None,
         "dims": None,
+        "reshape": None,
         "label_filename": None,  # the classification extension (pipeserve/classification.py)
     },
     "dynamic_batching": None,

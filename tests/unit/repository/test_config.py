@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from onnx import TensorProto
 
@@ -138,3 +140,83 @@ def test_corrupt_onnx_is_a_load_error(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ModelLoadError, match="failed to parse ONNX model"):
         read_graph_io(bad)
+
+
+# ---- reshape and scalars (Triton's rules; served by runtime/reshape.py) -----------------------
+
+
+def _graph(tmp_path, dims):
+    folder = om.write_model(tmp_path, "r", om.identity(TensorProto.FLOAT, dims))
+    return read_graph_io(folder / "1" / "model.onnx")
+
+
+def _io(dims: str, reshape: str | None, batch: int) -> str:
+    shape = f" reshape {{ shape: [ {reshape} ] }}" if reshape is not None else ""
+    return (
+        f"max_batch_size: {batch}\n"
+        f'input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {dims} ]{shape} }} ]'
+    )
+
+
+@pytest.mark.parametrize(
+    ("graph_dims", "dims", "reshape", "batch"),
+    [
+        (["b", 2, 4], "8", "2, 4", 8),
+        (["b", 8, -1, 1, 6], "2, 4, -1, 6", "8, -1, 1, 6", 8),  # [8, 6] both sides of the -1
+        (["b"], "1", "", 8),  # one element per batch item
+        (["n", 2, 2], "-1, 4", "-1, 2, 2", 0),
+    ],
+)
+def test_a_reshape_that_holds_the_same_elements_is_accepted(
+    tmp_path, graph_dims, dims, reshape, batch
+):
+    graph_dims = [d if d != -1 else "v" for d in graph_dims]
+    graph = _graph(tmp_path, graph_dims)
+    config = complete_config(parse_config_text(_io(dims, reshape, batch), "x"), "r", graph)
+    validate_config(config, graph)
+    spec = model_spec(config, 1, graph=graph)
+    want = tuple(int(d) for d in reshape.split(",")) if reshape else ()
+    assert spec.inputs[0].model_dims == want
+
+
+@pytest.mark.parametrize(
+    ("graph_dims", "dims", "reshape", "batch", "message"),
+    [
+        (["b", 2, 4], "6", "2, 4", 8, "dims [6] and reshape [2, 4] hold different numbers"),
+        (["b", 2, 4], "-1", "2, 4", 8, "different numbers of variable-size (-1) dimensions"),
+        (["b", 2, 2], "2, -1", "-1, 2", 8, "hold different numbers of elements"),
+        (["b", 2, 4], "8", "2, 0", 8, "reshape [2, 0]: every dimension must be an integer >= 1"),
+        (["b", 2, 4], "0", None, 8, "dims [0]: every dimension must be an integer >= 1"),
+        (["b", 2, 4], "8", "4, 2", 8, "has reshape [4, 2] in config but the ONNX model declares"),
+        (["b"], "2", "", 8, "an empty reshape (the model takes one element per batch item)"),
+        ([], "1", "", 0, "an empty reshape needs max_batch_size > 0"),
+        ([], "1, 3", None, 0, "is a scalar in the ONNX model: its dims in config must all be 1"),
+    ],
+)
+def test_a_reshape_that_cannot_hold_is_refused_with_the_reason(
+    tmp_path, graph_dims, dims, reshape, batch, message
+):
+    graph = _graph(tmp_path, graph_dims)
+    config = complete_config(parse_config_text(_io(dims, reshape, batch), "x"), "r", graph)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config, graph)
+
+
+def test_a_scalar_or_batch_only_tensor_is_completed_with_dims_one(tmp_path):
+    scalar = _graph(tmp_path / "s", [])
+    config = complete_config(parse_config_text("", "x"), "r", scalar)
+    assert config.max_batch_size == 0
+    assert list(config.input[0].dims) == [1] and not config.input[0].HasField("reshape")
+    validate_config(config, scalar)
+    assert model_spec(config, 1, graph=scalar).inputs[0].model_dims == ()
+    # Without the graph the spec cannot know the model's tensor is a scalar.
+    assert model_spec(config, 1).inputs[0].model_dims is None
+
+    batch_only = _graph(tmp_path / "b", ["batch"])
+    config = complete_config(parse_config_text("", "x"), "r", batch_only)
+    assert config.max_batch_size == 4
+    for tensor in (config.input[0], config.output[0]):
+        assert list(tensor.dims) == [1]
+        assert tensor.HasField("reshape") and not tensor.reshape.shape
+    validate_config(config, batch_only)
+    assert model_spec(config, 1, graph=batch_only).inputs[0].model_dims == ()

@@ -30,6 +30,8 @@ def test_a_triton_onnx_config_with_honoured_sections_passes() -> None:
         optimization { graph { level: 1 } }
         response_cache { enable: false }
         model_transaction_policy { decoupled: false }
+        input [ { name: "R" dims: [ 4 ] reshape { shape: [ 2, 2 ] } } ]
+        output [ { name: "S" dims: [ 1 ] reshape { shape: [ ] } } ]
     """
     )
     check_sections(parse_config_text(text, "x"), "m")
@@ -54,8 +56,8 @@ def test_a_triton_onnx_config_with_honoured_sections_passes() -> None:
             "'model_repository_agents'",
         ),
         (
-            'input [ { name: "I" dims: [ 2 ] reshape { shape: [ 1, 2 ] } } ]',
-            "'input.reshape' (input 'I')",
+            'input [ { name: "I" dims: [ 2 ] is_shape_tensor: true } ]',
+            "'input.is_shape_tensor' (input 'I')",
         ),
         (
             'output [ { name: "O" dims: [ 1 ] is_shape_tensor: true } ]',
