@@ -267,6 +267,34 @@ def test_json_data_nested_past_100_levels_is_refused(conn: http.client.HTTPConne
     )
 
 
+def test_nan_and_infinities_are_read_and_written_as_triton_does(
+    conn: http.client.HTTPConnection,
+) -> None:
+    """Triton reads and writes NaN, Infinity and -Infinity in JSON tensor data (its L0_nan_inf
+    test): a body holding them is accepted, and the answer holds them again, not null."""
+    special = ["NaN", "Infinity", "-Infinity"]
+    row = ", ".join([*special, *map(str, ROW[3:])])
+    zeros = ", ".join(["0"] * 16)
+    body = (
+        '{"inputs": ['
+        f'{{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [{row}]}}, '
+        f'{{"name": "INPUT1", "datatype": "FP32", "shape": [1, 16], "data": [{zeros}]}}]}}'
+    ).encode()
+    status, _, answer = post(conn, body)
+    assert status == 200, answer
+    assert b"null" not in answer
+    out = json.loads(answer)["outputs"][0]  # Python's json reads the three words
+    assert out["name"] == "OUTPUT0"
+    np.testing.assert_array_equal(
+        np.array(out["data"], dtype=np.float32),
+        np.array([np.nan, np.inf, -np.inf, *ROW[3:]], dtype=np.float32),
+    )
+    assert answer.count(b"-Infinity") == 2  # OUTPUT0 and OUTPUT1
+    # Not a way around strict JSON otherwise: a stray word is still malformed.
+    status, _, answer = post(conn, body.replace(b"NaN", b"NaNa"))
+    assert status == 400 and "malformed JSON in the inference request" in error(status, answer)
+
+
 def test_a_good_binary_request_by_hand(conn: http.client.HTTPConnection) -> None:
     a = np.arange(16, dtype=np.float32)
     doc = {

@@ -17,6 +17,7 @@ sent back as `Inference-Header-Content-Length`.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,18 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInputError(f"malformed JSON in the {what}: {exc}") from None
+        error = exc
+    # Triton reads NaN, Infinity and -Infinity as numbers (rapidjson's kParseNanAndInfFlag), and
+    # writes them so (_json_data): a client that sends back what it received must not be
+    # refused. orjson reads only strict JSON, so such a body is read again by the standard
+    # library, which takes those three words: the cost falls on bodies that hold them alone.
+    raw = bytes(data)
+    if b"NaN" in raw or b"Infinity" in raw:
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: nested past its depth
+            pass
+    raise InvalidInputError(f"malformed JSON in the {what}: {error}") from None
 
 
 def decode_infer(
@@ -468,7 +480,25 @@ def _json_data(array: np.ndarray, datatype: str) -> Any:
     if BF16_DTYPE is not None and flat.dtype == BF16_DTYPE:
         flat = flat.astype(np.float32)
     # orjson writes native-order contiguous numpy arrays itself (OPT_SERIALIZE_NUMPY).
-    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+    flat = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return _with_non_finite(flat)
+    return flat
+
+
+def _with_non_finite(flat: np.ndarray) -> orjson.Fragment:
+    """`flat` as a JSON array with NaN, Infinity and -Infinity where it holds them, as Triton
+    writes them (rapidjson's kWriteNanAndInfFlag; Python's json reads them): orjson would write
+    null for all three, and a client would read +-inf back as NaN. orjson writes every other
+    value; each null it writes is one of these, in order."""
+    special = flat[~np.isfinite(flat)]
+    words = np.where(np.isnan(special), "NaN", np.where(special > 0, "Infinity", "-Infinity"))
+    parts = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
+    out = bytearray(parts[0])
+    for word, part in zip(words.tolist(), parts[1:], strict=True):
+        out += word.encode()
+        out += part
+    return orjson.Fragment(bytes(out))
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:

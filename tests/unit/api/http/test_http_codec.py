@@ -262,3 +262,24 @@ def test_encode_binary_sections_follow_the_json_in_output_order():
     assert sizes == [8, 4 + len("hé".encode())] and len(rest) == sum(sizes)
     np.testing.assert_array_equal(np.frombuffer(rest[:8], np.float32), [1.5, 2.0])
     assert rest[8:] == struct.pack("<I", 3) + "hé".encode()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "dtype"), [("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64)]
+)
+def test_non_finite_values_are_written_as_triton_writes_them(datatype, dtype) -> None:  # type: ignore[no-untyped-def]
+    values = np.array([[np.inf, 0.5], [np.nan, -np.inf]], dtype=dtype)
+    spec = ModelSpec("m", 1, 0, (), (TensorSpec("y", datatype, (2, 2)),))
+    encoded = encode_infer(InferResponse("m", "1", "", {"y": values}), spec, OutputChoice())
+    assert b'"data":[Infinity,0.5,NaN,-Infinity]' in b"".join(encoded.chunks)
+
+
+def test_non_finite_values_in_json_data_are_read() -> None:
+    body = (
+        b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], '
+        b'"data": [NaN, Infinity, -Infinity]}]}'
+    )
+    request, _, _ = decode_infer("m", "", body, None)
+    np.testing.assert_array_equal(
+        request.inputs["x"], np.array([np.nan, np.inf, -np.inf], np.float32)
+    )
