@@ -66,8 +66,8 @@ def test_server_metadata(client: grpcclient.InferenceServerClient) -> None:
     extensions = set(meta.extensions)
     assert {"model_repository", "model_configuration", "statistics"} <= extensions
     # Only what is implemented is advertised.
-    assert "classification" in extensions
-    assert not extensions & {"system_shared_memory", "cuda_shared_memory"}
+    assert {"classification", "schedule_policy"} <= extensions
+    assert not extensions & {"system_shared_memory", "cuda_shared_memory", "sequence"}
 
 
 def test_server_metadata_as_json(client: grpcclient.InferenceServerClient) -> None:

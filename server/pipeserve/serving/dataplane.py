@@ -49,6 +49,9 @@ EXTENSIONS = (
     "binary_tensor_data",
     "parameters",
     "classification",
+    # A request's `priority` and `timeout` parameters, and dynamic_batching's priority levels and
+    # queue policies (batching/policy.py), as Triton's extension of that name.
+    "schedule_policy",
 )
 
 # A load parameter's value, as the protocols carry it (gRPC's ModelRepositoryParameter oneof;
