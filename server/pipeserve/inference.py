@@ -84,7 +84,7 @@ class ModelSpec:
         specs = self.inputs
         # Every declared input given, nothing else (the common case): no sets to build.
         if len(given) != len(specs) or not all(map(given.__contains__, self.input_names)):
-            self._check_names(set(given))
+            self._check_names(list(given))
         batch: int | None = None
         for spec in specs:
             array = given.get(spec.name)
@@ -148,20 +148,31 @@ class ModelSpec:
                 f"output '{twice}' already exists in request (request each output once)"
             )
 
-    def _check_names(self, given: set[str]) -> None:
+    def _check_names(self, given: list[str]) -> None:
+        """`given`: the request's input names, in its order. Triton's words."""
         expected = {s.name for s in self.inputs}
-        extra = sorted(given - expected)
+        extra = sorted(set(given) - expected)
         if extra:
             raise InvalidInputError(
                 f"unexpected inference input '{extra[0]}' for model '{self.name}', "
                 f"expected inputs {sorted(expected)}"
             )
-        missing = sorted(s.name for s in self.inputs if not s.optional and s.name not in given)
+        required = [s.name for s in self.inputs if not s.optional]
+        missing = [name for name in required if name not in given]
         if missing:
+            if len(required) == len(self.inputs):
+                count = f"expected {len(required)} inputs"
+            else:
+                count = f"expected number of inputs between {len(required)} and {len(self.inputs)}"
             raise InvalidInputError(
-                f"expected {len([s for s in self.inputs if not s.optional])} inputs but got "
-                f"{len(given)} inputs for model '{self.name}': missing input '{missing[0]}'"
+                f"{count} but got {len(given)} inputs for model '{self.name}'. Got input(s) "
+                f"{_names(given)}, but missing required input(s) {_names(missing)}. Please "
+                f"provide all required input(s)."
             )
+
+
+def _names(names: list[str]) -> str:
+    return "[" + ",".join(f"'{n}'" for n in names) + "]"
 
 
 def _dims_match(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:

@@ -117,44 +117,48 @@ def triton_from_numpy(dtype: np.dtype) -> str:
 
 
 def array_from_raw(
-    name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview, model: str = ""
 ) -> np.ndarray:
     """One input tensor from its wire bytes (gRPC raw_input_contents, an HTTP binary section): a
     read-only view on `raw` (no copy) for fixed-size datatypes, parsed elements for BYTES.
 
-    Raises InvalidInputError naming the tensor when the size does not match datatype and shape.
+    Raises InvalidInputError naming the tensor (and `model`) when the size does not match
+    datatype and shape, in Triton's words (its QA scripts check them).
     """
     count = math.prod(shape)
     if datatype == "BYTES":
-        return deserialize_bytes(raw, count, name).reshape(shape)
+        return deserialize_bytes(raw, count, name, model).reshape(shape)
     dtype = numpy_dtype(datatype)  # looked up once: this runs per input per request
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInputError(
-            f"input '{name}' got unexpected byte size {len(raw)}, expected {expected} "
-            f"({datatype} with shape {list(shape)})"
+            f"input byte size mismatch for input '{name}' for model '{model}'. Expected "
+            f"{expected}, got {len(raw)} ({datatype} with shape {list(shape)})"
         )
     # One constructor instead of frombuffer + reshape: half the cost, per input per request.
     return np.ndarray(shape, dtype, raw)
 
 
-def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) -> np.ndarray:
+def deserialize_bytes(
+    buffer: bytes | memoryview, count: int, tensor_name: str, model: str = ""
+) -> np.ndarray:
     """Parse `count` BYTES elements (4-byte LE length + data each) into an object array.
 
-    Raises InvalidInputError naming the tensor when the buffer is truncated or has bytes left over.
+    Raises InvalidInputError naming the tensor when the buffer is truncated or has bytes left
+    over; Triton's words where it has them.
     """
     view = memoryview(buffer)
     end = len(view)
+    where = f"for inference input '{tensor_name}' for model '{model}'"
     # Each element takes at least its 4-byte length, so the loop fails before index end // 4 when
     # `count` is larger: never allocate for more (a tiny request could declare a huge shape).
     out = np.empty(min(count, end // 4), dtype=np.object_)
     offset = 0
     for i in range(count):
+        if offset == end:
+            raise InvalidInputError(f"expected {count} string elements {where}, got {i}")
         if offset + 4 > end:
-            raise InvalidInputError(
-                f"input '{tensor_name}': BYTES element {i} of {count} is missing its 4-byte length "
-                f"(buffer holds {end} bytes)"
-            )
+            raise _incomplete_length(where, end - offset)
         (length,) = struct.unpack_from("<I", view, offset)
         offset += 4
         if offset + length > end:
@@ -165,10 +169,19 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int, tensor_name: str) 
         out[i] = utf8_element(view[offset : offset + length], i, tensor_name)
         offset += length
     if offset != end:
+        if end - offset < 4:
+            raise _incomplete_length(where, end - offset)
         raise InvalidInputError(
-            f"input '{tensor_name}': {end - offset} unexpected bytes after {count} BYTES elements"
+            f"unexpected number of string elements {count + 1} {where}, expecting {count}"
         )
     return out
+
+
+def _incomplete_length(where: str, left: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"incomplete string length indicator {where}, expecting 4 bytes but only {left} bytes "
+        f"available. Please make sure the string length indicator is in one buffer."
+    )
 
 
 def utf8_element(data: bytes | memoryview, index: int, tensor_name: str) -> str:

@@ -275,9 +275,7 @@ def test_raw_byte_size_mismatch(stub: service_pb2_grpc.GRPCInferenceServiceStub,
     assert_rpc_error(
         err,
         grpc.StatusCode.INVALID_ARGUMENT,
-        "input 'INPUT0'",
-        f"unexpected byte size {size}",
-        "expected 64",
+        f"input byte size mismatch for input 'INPUT0' for model 'add_sub'. Expected 64, got {size}",
     )
 
 
@@ -296,12 +294,21 @@ def test_raw_entry_count_mismatch(stub: service_pb2_grpc.GRPCInferenceServiceStu
 
 def test_missing_input(client: grpcclient.InferenceServerClient) -> None:
     err = infer_error(client, "add_sub", [tensor("INPUT0", fp32(1, 16))])
-    assert_error(err, "INVALID_ARGUMENT", "expected 2 inputs but got 1", "missing input 'INPUT1'")
+    assert_error(
+        err,
+        "INVALID_ARGUMENT",
+        "expected 2 inputs but got 1 inputs for model 'add_sub'. Got input(s) ['INPUT0'], but "
+        "missing required input(s) ['INPUT1']. Please provide all required input(s).",
+    )
 
 
 def test_no_inputs_at_all(client: grpcclient.InferenceServerClient) -> None:
     err = infer_error(client, "add_sub", [])
-    assert_error(err, "INVALID_ARGUMENT", "missing input 'INPUT0'")
+    assert_error(
+        err,
+        "INVALID_ARGUMENT",
+        "Got input(s) [], but missing required input(s) ['INPUT0','INPUT1']",
+    )
 
 
 def test_extra_input(client: grpcclient.InferenceServerClient) -> None:
@@ -358,15 +365,27 @@ ABC = bytes_element(b"a") + bytes_element(b"b") + bytes_element(b"c")
     [
         (
             bytes_element(b"a") + bytes_element(b"b") + b"\x01\x00",
-            ("BYTES element 2 of 3 is missing its 4-byte length",),
+            (
+                "incomplete string length indicator for inference input 'INPUT0' for model "
+                "'strings', expecting 4 bytes but only 2 bytes available",
+            ),
         ),
-        (b"", ("BYTES element 0 of 3 is missing its 4-byte length",)),
+        (
+            b"",
+            ("expected 3 string elements for inference input 'INPUT0' for model 'strings', got 0",),
+        ),
         (
             bytes_element(b"a") + struct.pack("<I", 100) + b"0123456789",
             ("BYTES element 1 declares 100 bytes but only 10 remain",),
         ),
-        (ABC + b"\x00\x00", ("2 unexpected bytes after 3 BYTES elements",)),
-        (ABC + bytes_element(b"d"), ("5 unexpected bytes after 3 BYTES elements",)),
+        (ABC + b"\x00\x00", ("incomplete string length indicator", "only 2 bytes available")),
+        (
+            ABC + bytes_element(b"d"),
+            (
+                "unexpected number of string elements 4 for inference input 'INPUT0' for model "
+                "'strings', expecting 3",
+            ),
+        ),
     ],
     ids=["truncated-length-prefix", "empty", "length-past-end", "trailing-bytes", "extra-element"],
 )
@@ -386,8 +405,13 @@ def test_bytes_shape_far_larger_than_the_buffer(
     it (each element needs at least its 4-byte length)."""
     request = raw_request("strings", [("INPUT0", "BYTES", shape, ABC)])
     err = rpc_error(lambda: stub.ModelInfer(request, timeout=30))
+    count = 1
+    for dim in shape:
+        count *= dim
     assert_rpc_error(
-        err, grpc.StatusCode.INVALID_ARGUMENT, "input 'INPUT0'", "holds 15 bytes", "4-byte length"
+        err,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"expected {count} string elements for inference input 'INPUT0' for model 'strings', got 3",
     )
 
 

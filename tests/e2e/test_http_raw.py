@@ -207,7 +207,12 @@ ONE = np.ones(16, np.float32).tobytes()
     [
         (ONE + ONE[:-4], 64, 0, "unexpected size for input 'INPUT1', expecting 4 additional bytes"),
         (ONE + ONE + b"xyz", 64, 0, "unexpected additional input data for model 'add_sub'"),
-        (ONE[:32] + ONE, 32, 0, "input 'INPUT0' got unexpected byte size 32, expected 64"),
+        (
+            ONE[:32] + ONE,
+            32,
+            0,
+            "input byte size mismatch for input 'INPUT0' for model 'add_sub'. Expected 64, got 32",
+        ),
         (ONE + ONE, 64, -1, "malformed JSON in the inference request"),
         (ONE + ONE, 64, 1, "malformed JSON in the inference request"),
     ],

@@ -98,7 +98,9 @@ def test_a_fixed_shape_model_takes_exactly_its_size(conn: http.client.HTTPConnec
     np.testing.assert_array_equal(np.frombuffer(sections["OUTPUT0"], np.float32), x)
 
     status, _, body = post(conn, "fixed", x[:5].tobytes())
-    assert "unexpected byte size 20, expected 24" in error(status, body)
+    assert "input byte size mismatch for input 'INPUT0' for model 'fixed'. Expected 24, got 20" in (
+        error(status, body)
+    )
 
 
 def test_a_bytes_model_declared_one_takes_the_body_as_its_element(

@@ -464,3 +464,74 @@ def test_classification_over_http_takes_the_same_path(none_server: ServerProcess
             assert got == [b"2.000000:2:two", b"1.000000:3"]
     finally:
         client.close()
+
+
+# ---- inputs an initializer gives a default (Triton's ONNX backend serves them as inputs) ------
+
+
+def with_default() -> onnx.ModelProto:
+    """y = x + bias, where `bias` is a graph input an initializer gives the default 10: a
+    request may leave it out or override it."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "bias"], ["y"])],
+        "with_default",
+        [
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1]),
+            onnx.helper.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, [1]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1])],
+        initializer=[onnx.numpy_helper.from_array(np.array([10.0], np.float32), "bias")],
+    )
+    return om._model(graph)
+
+
+OPTIONAL_BIAS = """
+input [
+  { name: "x" data_type: TYPE_FP32 dims: [ -1 ] },
+  { name: "bias" data_type: TYPE_FP32 dims: [ 1 ] optional: true }
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def defaults_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = tmp_path_factory.mktemp("defaults_repo")
+    place_model(repo, "optional_bias", {1: with_default()}, OPTIONAL_BIAS)
+    place_model(repo, "auto_bias", {1: with_default()})
+    yield from start(repo)
+
+
+def _fp32(name: str, values: list[float]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(values)], "FP32")
+    tensor.set_data_from_numpy(np.array(values, np.float32))
+    return tensor
+
+
+def test_an_initializer_input_listed_optional_may_be_left_out_or_overridden(
+    defaults_server: ServerProcess,
+) -> None:
+    client = client_for(defaults_server)
+    left_out = client.infer("optional_bias", [_fp32("x", [1.0, 2.0])]).as_numpy("y")
+    np.testing.assert_array_equal(left_out, [11.0, 12.0])
+    given = client.infer("optional_bias", [_fp32("x", [1.0, 2.0]), _fp32("bias", [0.5])])
+    np.testing.assert_array_equal(given.as_numpy("y"), [1.5, 2.5])
+    # Triton's words (its L0_input_validation checks them) for a required input left out.
+    error = rpc_error(client.infer, "optional_bias", [_fp32("bias", [0.5])])
+    assert (
+        "expected number of inputs between 1 and 2 but got 1 inputs for model 'optional_bias'. "
+        "Got input(s) ['bias'], but missing required input(s) ['x']. Please provide all "
+        "required input(s)."
+    ) in error.message()
+
+
+def test_an_initializer_input_is_not_auto_completed_into_the_config(
+    defaults_server: ServerProcess,
+) -> None:
+    client = client_for(defaults_server)
+    config = client.get_model_config("auto_bias").config
+    assert [t.name for t in config.input] == ["x"]
+    # x and y are [batch]: completed as Triton does, batching with dims [1] and an empty reshape.
+    assert config.max_batch_size > 0 and list(config.input[0].dims) == [1]
+    x = grpcclient.InferInput("x", [2, 1], "FP32")
+    x.set_data_from_numpy(np.array([[1.0], [2.0]], np.float32))
+    np.testing.assert_array_equal(client.infer("auto_bias", [x]).as_numpy("y"), [[11.0], [12.0]])

@@ -36,7 +36,11 @@ def test_valid_request_sets_batch_size():
 @pytest.mark.parametrize(
     ("arrays", "outputs", "message"),
     [
-        ({"a": np.zeros((1, 4), np.float32)}, (), "missing input 'b'"),
+        (
+            {"a": np.zeros((1, 4), np.float32)},
+            (),
+            "expected number of inputs between 2 and 3 but got 1 inputs for model 'm'. Got input",
+        ),
         (
             {"a": np.zeros((1, 4), np.float32), "b": np.zeros((1, 1), np.int64), "c": np.zeros(1)},
             (),

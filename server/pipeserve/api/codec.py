@@ -150,7 +150,7 @@ def _raw_tensors(
         shape = _shape(name, tensor.shape)
         if arrays is not None:
             # A read-only view on the request's buffer for fixed-size datatypes: no copy.
-            arrays[name] = array_from_raw(name, datatype, shape, raw[len(heads)])
+            arrays[name] = array_from_raw(name, datatype, shape, raw[len(heads)], msg.model_name)
         heads.append((name, datatype, shape))
     return tuple(heads), datatypes
 

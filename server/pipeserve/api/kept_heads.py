@@ -73,7 +73,7 @@ class RequestForm:
                 # A read-only view on the request's buffer: no copy.
                 inputs[name] = np.ndarray(shape, dtype, data)
             else:  # BYTES elements to parse, or the byte count's error to raise
-                inputs[name] = array_from_raw(name, datatype, shape, data)
+                inputs[name] = array_from_raw(name, datatype, shape, data, model_name)
         return InferRequest(
             model_name,
             model_version,

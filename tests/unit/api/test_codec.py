@@ -52,7 +52,8 @@ def test_negative_priority_is_refused():
 
 def test_byte_size_mismatch_names_tensor_and_sizes():
     with pytest.raises(
-        InvalidInputError, match=r"input 'x' got unexpected byte size 7, expected 8"
+        InvalidInputError,
+        match=r"input byte size mismatch for input 'x' for model 'm'. Expected 8, got 7",
     ):
         decode_request(_request(("x", "FP32", [2]), raw=[b"\0" * 7]))
 
@@ -80,10 +81,14 @@ def test_bytes_round_trip_and_malformed():
     assert request.inputs["s"].tolist() == ["ab", "é", ""]
     with pytest.raises(InvalidInputError, match="declares 9 bytes but only 1 remain"):
         decode_request(_request(("s", "BYTES", [1]), raw=[struct.pack("<I", 9) + b"x"]))
-    with pytest.raises(InvalidInputError, match="missing its 4-byte length"):
+    with pytest.raises(InvalidInputError, match="expected 2 string elements for inference input"):
         decode_request(_request(("s", "BYTES", [2]), raw=[struct.pack("<I", 1) + b"x"]))
-    with pytest.raises(InvalidInputError, match="unexpected bytes after 1 BYTES"):
+    with pytest.raises(InvalidInputError, match="incomplete string length indicator"):
+        decode_request(_request(("s", "BYTES", [2]), raw=[struct.pack("<I", 1) + b"x\0"]))
+    with pytest.raises(InvalidInputError, match="incomplete string length indicator"):
         decode_request(_request(("s", "BYTES", [1]), raw=[struct.pack("<I", 1) + b"xy"]))
+    with pytest.raises(InvalidInputError, match="unexpected number of string elements 2 for"):
+        decode_request(_request(("s", "BYTES", [1]), raw=[struct.pack("<I", 1) + b"xy\0\0\0"]))
     with pytest.raises(InvalidInputError, match="not valid UTF-8"):
         decode_request(_request(("s", "BYTES", [1]), raw=[struct.pack("<I", 1) + b"\xff"]))
 

@@ -198,7 +198,9 @@ def test_a_wrong_byte_count_is_refused_with_the_full_parse_s_words() -> None:
         with pytest.raises(InvalidInputError) as fast:
             head.request(raw, request_id)
         assert str(fast.value) == str(full.value)
-        assert "unexpected byte size 15, expected 16" in str(fast.value)
+        assert "input byte size mismatch for input 'x' for model 'm'. Expected 16, got 15" in str(
+            fast.value
+        )
 
 
 def test_the_kept_heads_are_bounded_and_a_large_header_is_not_kept() -> None:

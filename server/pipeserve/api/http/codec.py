@@ -214,7 +214,9 @@ def decode_infer(
                     f"additional bytes for model '{model_name}' (binary_data_size {size}, "
                     f"{len(body) - offset} bytes left in the body)"
                 )
-            inputs[name] = array_from_raw(name, datatype, shape, view[offset : offset + size])
+            inputs[name] = array_from_raw(
+                name, datatype, shape, view[offset : offset + size], model_name
+            )
             offset += size
             if sections is not None:
                 sections.append((name, datatype, shape, size))
@@ -307,7 +309,9 @@ def decode_raw(
                     f"({unit} bytes per step of the variable dimension)"
                 )
             shape[variable] = len(body) // unit
-        array = array_from_raw(declared.name, declared.datatype, tuple(shape), memoryview(body))
+        array = array_from_raw(
+            declared.name, declared.datatype, tuple(shape), memoryview(body), model_name
+        )
     return (
         InferRequest(
             model_name=model_name,

@@ -93,7 +93,10 @@ def test_a_header_that_fails_is_not_kept_and_fails_every_time() -> None:
     heads = BinaryHeads()
     body, size = _body(_binary("x", "FP32", [1, 4], b"\0" * 15))  # 15 bytes for 16
     for _ in range(2):
-        with pytest.raises(InvalidInputError, match="unexpected byte size 15, expected 16"):
+        with pytest.raises(
+            InvalidInputError,
+            match="input byte size mismatch for input 'x' for model 'm'. Expected 16, got 15",
+        ):
             decode_infer("m", "", body, size, heads)
     assert len(heads) == 0
 

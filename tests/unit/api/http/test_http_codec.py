@@ -151,7 +151,7 @@ def test_parameters_id_and_outputs():
         (
             {"inputs": [_input(parameters={"binary_data_size": 8})]},
             (b"\0" * 8,),
-            "unexpected byte size 8, expected 16",
+            "input byte size mismatch for input 'x' for model 'm'. Expected 16, got 8",
         ),
         (
             {"inputs": [_input(parameters={"binary_data_size": 16}, data=[1, 2, 3, 4])]},
