@@ -132,7 +132,7 @@ def complete_config(config: ModelConfig, name: str, graph: GraphIO) -> ModelConf
             done.dynamic_batching.SetInParent()
     batch = done.max_batch_size > 0
 
-    _complete_tensors(done.input, graph.inputs, batch)
+    _complete_tensors(done.input, graph.inputs, batch, graph.overridable)
     _complete_tensors(done.output, graph.outputs, batch)
     if not done.instance_group:
         group = done.instance_group.add()
@@ -146,8 +146,12 @@ def complete_config(config: ModelConfig, name: str, graph: GraphIO) -> ModelConf
     return done
 
 
-def _complete_tensors(listed, graph_tensors: tuple[GraphTensor, ...], batch: bool) -> None:  # type: ignore[no-untyped-def]
-    by_name = {t.name: t for t in graph_tensors}
+def _complete_tensors(  # type: ignore[no-untyped-def]
+    listed, graph_tensors: tuple[GraphTensor, ...], batch: bool, only_if_listed=()
+) -> None:
+    """Fill `listed` from `graph_tensors`, adding those it leaves out; `only_if_listed` (the
+    overridable initializers) are filled where listed, never added."""
+    by_name = {t.name: t for t in graph_tensors + tuple(only_if_listed)}
     have = {t.name for t in listed}
     for tensor in listed:
         g = by_name.get(tensor.name)
@@ -188,7 +192,7 @@ def validate_config(config: ModelConfig, graph: GraphIO) -> None:
         )
     batch = config.max_batch_size > 0
     for kind, listed, graph_tensors in (
-        ("input", config.input, graph.inputs),
+        ("input", config.input, graph.inputs + graph.overridable),
         ("output", config.output, graph.outputs),
     ):
         by_name = {t.name: t for t in graph_tensors}
@@ -311,7 +315,7 @@ def model_spec(
     the validated graph, which says which tensors are scalars in the model."""
     labels = labels or {}
     scalars = (
-        {t.name for t in graph.inputs + graph.outputs if not t.shape}
+        {t.name for t in graph.inputs + graph.overridable + graph.outputs if not t.shape}
         if graph is not None and config.max_batch_size == 0
         else set()
     )

@@ -40,6 +40,10 @@ class GraphTensor:
 class GraphIO:
     inputs: tuple[GraphTensor, ...]
     outputs: tuple[GraphTensor, ...]
+    # Graph inputs that an initializer gives a default value: a config may list them as inputs
+    # (usually `optional`) that a request may override, as Triton's ONNX backend allows; they
+    # are not auto-completed into a config.
+    overridable: tuple[GraphTensor, ...] = ()
 
     def supports_batching(self) -> bool:
         """Triton's rule: every input and output has a variable first dimension."""
@@ -53,7 +57,7 @@ def model_file(path: Path) -> Path:
 
 
 def read_graph_io(path: Path) -> GraphIO:
-    """Inputs (excluding initializers) and outputs of the ONNX graph at `path`."""
+    """Inputs (those with an initializer apart) and outputs of the ONNX graph at `path`."""
     file = model_file(path)
     try:
         model = onnx.load(str(file), load_external_data=False)
@@ -66,6 +70,7 @@ def read_graph_io(path: Path) -> GraphIO:
     return GraphIO(
         inputs=tuple(_tensor(v, file) for v in graph.input if v.name not in initializers),
         outputs=tuple(_tensor(v, file) for v in graph.output),
+        overridable=tuple(_tensor(v, file) for v in graph.input if v.name in initializers),
     )
 
 
