@@ -116,6 +116,27 @@ def triton_from_numpy(dtype: np.dtype) -> str:
     raise ValueError(f"no Triton datatype for numpy dtype {dtype}")
 
 
+INT64_MAX = 2**63 - 1
+
+
+def shape_overflow(name: str, shape: tuple[int, ...], datatype: str) -> InvalidInputError | None:
+    """Triton's refusal of a shape whose element count, or byte size, does not fit an int64;
+    None when both fit. Asked on the error paths, where a count came out wrong."""
+    count = math.prod(shape)
+    if count > INT64_MAX:
+        return InvalidInputError(
+            f"invalid shape for input '{name}': shape {list(shape)} causes total element count "
+            f"to exceed maximum size of {INT64_MAX}"
+        )
+    size = 1 if datatype == "BYTES" else numpy_dtype(datatype).itemsize
+    if size > 1 and count > INT64_MAX // size:
+        return InvalidInputError(
+            f"byte size overflow for input '{name}': element count ({count}) * data type size "
+            f"({size}) exceeds maximum allowed size ({INT64_MAX})"
+        )
+    return None
+
+
 def array_from_raw(
     name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview, model: str = ""
 ) -> np.ndarray:
@@ -131,7 +152,7 @@ def array_from_raw(
     dtype = numpy_dtype(datatype)  # looked up once: this runs per input per request
     expected = count * dtype.itemsize
     if len(raw) != expected:
-        raise InvalidInputError(
+        raise shape_overflow(name, shape, datatype) or InvalidInputError(
             f"input byte size mismatch for input '{name}' for model '{model}'. Expected "
             f"{expected}, got {len(raw)} ({datatype} with shape {list(shape)})"
         )

@@ -279,6 +279,25 @@ def test_raw_byte_size_mismatch(stub: service_pb2_grpc.GRPCInferenceServiceStub,
     )
 
 
+def test_shape_past_int64_gets_tritons_overflow_words(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = raw_request(
+        "add_sub",
+        [
+            ("INPUT0", "FP32", [2**4, 2**60 + 2], b"\x00" * 4),
+            ("INPUT1", "FP32", [1, 16], b"\x00" * 64),
+        ],
+    )
+    err = rpc_error(lambda: stub.ModelInfer(request))
+    assert_rpc_error(
+        err,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid shape for input 'INPUT0': shape [16, 1152921504606846978] causes total element "
+        "count to exceed maximum size of 9223372036854775807",
+    )
+
+
 def test_raw_entry_count_mismatch(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
     request = raw_request(
         "add_sub", [("INPUT0", "FP32", [1, 16], b"\x00" * 64), ("INPUT1", "FP32", [1, 16], None)]

@@ -110,6 +110,22 @@ MALFORMED = [
         "FP32 'data' must hold numbers, got strings",
     ),
     ("null in data", _with(_tensor(data=[None] * 16)), {}, 400, "nulls"),
+    # Triton's words for a shape whose count or byte size overflows an int64 (its L0_http test).
+    (
+        "element count past int64",
+        _with(_tensor(shape=[2**4, 2**60 + 2], data=[1.0])),
+        {},
+        400,
+        "causes total element count to exceed maximum size of 9223372036854775807",
+    ),
+    (
+        "byte size past int64",
+        _with(_tensor(shape=[2**2, 2**60 + 2], data=[1.0])),
+        {},
+        400,
+        "byte size overflow for input 'INPUT0': element count (4611686018427387912) * data "
+        "type size (4) exceeds maximum allowed size",
+    ),
     (
         "wrong datatype",
         _with(_tensor(datatype="INT32", data=ROW)),
@@ -360,7 +376,10 @@ def test_body_over_the_limit_is_413_and_the_connection_closes(small: ServerProce
     c = http.client.HTTPConnection("127.0.0.1", small.http_port, timeout=30)
     status, headers, answer = post(c, b"x" * (LIMIT + 1))
     assert status == 413 and headers["connection"] == "close"
-    assert f"--max-message-bytes limit of {LIMIT} bytes" in json.loads(answer)["error"]
+    assert (
+        f"exceeds the maximum allowed input size of {LIMIT} bytes. Use --max-message-bytes to "
+        "increase the limit." in json.loads(answer)["error"]
+    )
     c.close()
     still_serving(small)
 

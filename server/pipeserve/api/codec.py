@@ -24,6 +24,7 @@ from pipeserve.tensors import (
     array_from_raw,
     numpy_dtype,
     serialize_bytes,
+    shape_overflow,
     utf8_element,
 )
 
@@ -241,7 +242,7 @@ def _decode_contents(
         )
     values = getattr(tensor.contents, field)
     if len(values) != count:
-        raise InvalidInputError(
+        raise shape_overflow(name, shape, datatype) or InvalidInputError(
             f"input '{name}' got {len(values)} elements in contents.{field}, expected {count} "
             f"for shape {list(shape)}"
         )

@@ -38,6 +38,7 @@ from pipeserve.tensors import (
     element_size,
     numpy_dtype,
     serialize_bytes,
+    shape_overflow,
     utf8_element,
 )
 
@@ -381,7 +382,7 @@ def _from_json(data: Any, name: str, datatype: str, shape: tuple[int, ...]) -> n
         data = _flattened(data, name)
         array = np.array(data)
     if array.size != count:
-        raise InvalidInputError(
+        raise shape_overflow(name, shape, datatype) or InvalidInputError(
             f"input '{name}': 'data' holds {array.size} values, expected {count} (the shape "
             f"{list(shape)}), flattened or nested"
         )

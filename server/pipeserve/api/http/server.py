@@ -52,8 +52,9 @@ class HttpApp:
 def _too_large(size: int, limit: int) -> HttpError:
     return HttpError(
         413,
-        f"request body of {size} bytes exceeds the server's --max-message-bytes limit of "
-        f"{limit} bytes",
+        # Triton's words (its L0_http test checks them), with this server's flag.
+        f"request JSON size of {size} bytes exceeds the maximum allowed input size of {limit} "
+        f"bytes. Use --max-message-bytes to increase the limit.",
     )
 
 
