@@ -6,9 +6,9 @@ A request is checked against the config's `dims`, the shape clients see. Where a
 just before a batch runs and the outputs viewed back in `dims` as soon as it returns. Everything
 else (validation, batching, splitting a batch's outputs, the wire) sees only `dims`.
 
-As in Triton, the values of variable dimensions (-1) carry over in order: with dims [-1, 4] and
-reshape [2, -1, 2], an input [3, 4] reaches the model as [2, 3, 2]. The batch dimension, when
-the model batches, is never reshaped. A model whose outputs are all as declared pays nothing:
+As in Triton, the values of variable dimensions (-1) carry over in order: with dims [2, -1, 6]
+and reshape [2, -1, 3, 2], an input [2, 5, 6] reaches the model as [2, 5, 3, 2]. The batch
+dimension, when the model batches, is never reshaped. A model whose outputs are all as declared pays nothing:
 `with_reshapes` returns its runner unchanged.
 """
 
